@@ -1,0 +1,12 @@
+// Each subcommand of opensci-compat lives in its own cli_*.cpp and registers itself here.
+// A command's callback throws opensci::Error on bad input; main() prints it and exits 2.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace opensci::cli {
+
+void add_toy_command(CLI::App& app);
+void add_forward_command(CLI::App& app);
+
+}  // namespace opensci::cli

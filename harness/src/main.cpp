@@ -1,0 +1,25 @@
+// opensci-compat: one CLI, one subcommand per step of the matrix (see commands.hpp).
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include "commands.hpp"
+#include "opensci/error.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"opensci-compat: does your OpenSci model still compute what it was trained to compute?"};
+  app.require_subcommand(1);
+  opensci::cli::add_toy_command(app);
+  opensci::cli::add_forward_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const opensci::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 2;
+  }
+  return 0;
+}
