@@ -8,5 +8,6 @@ namespace opensci::cli {
 
 void add_toy_command(CLI::App& app);
 void add_forward_command(CLI::App& app);
+void add_compare_command(CLI::App& app);
 
 }  // namespace opensci::cli

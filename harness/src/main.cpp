@@ -10,9 +10,10 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   opensci::cli::add_toy_command(app);
   opensci::cli::add_forward_command(app);
+  opensci::cli::add_compare_command(app);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::ParseError& e) {  // includes CLI::RuntimeError(code) thrown by a failed check
     return app.exit(e);
   } catch (const opensci::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what());
