@@ -96,9 +96,18 @@ Comparison compare_outputs(const fs::path& a_path, const fs::path& b_path, const
   if (a.contains("input_ids") && b.contains("input_ids") && read_i64(a, "input_ids") != read_i64(b, "input_ids"))
     fail("input_ids differ between {} and {}: the outputs are not for the same prompt", a_path.string(), b_path.string());
 
+  // Per-position maxima are indexed by position id (a left-padded row's first token is
+  // position 0), so RoPE faults show as "position 0 exact, later positions off".
+  std::vector<int64_t> positions(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) positions[static_cast<size_t>(r)] = r % c.seq;
+  if (b.contains("position_ids")) positions = read_i64(b, "position_ids");
+  if (positions.size() != static_cast<size_t>(rows))
+    fail("{}: position_ids has {} entries, expected {}", b_path.string(), positions.size(), rows);
+  const int64_t max_position = *std::max_element(positions.begin(), positions.end());
+
   const auto A = a.read_f64("logits");
   const auto B = b.read_f64("logits");
-  c.per_position_max_abs.assign(static_cast<size_t>(c.seq), 0.0);
+  c.per_position_max_abs.assign(static_cast<size_t>(max_position + 1), 0.0);
   double diff2 = 0, ref2 = 0, dot = 0, a2 = 0, kl_sum = 0;
   int64_t top1_same = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -110,7 +119,7 @@ Comparison compare_outputs(const fs::path& a_path, const fs::path& b_path, const
     }
     if (mask[static_cast<size_t>(r)] == 0) continue;
     ++c.positions;
-    const int64_t pos = r % c.seq;
+    const int64_t pos = positions[static_cast<size_t>(r)];
     double row_max = 0, amax = -INFINITY, bmax = -INFINITY;
     int64_t aarg = 0, barg = 0;
     for (int64_t v = 0; v < c.vocab; ++v) {
@@ -152,7 +161,7 @@ Comparison compare_outputs(const fs::path& a_path, const fs::path& b_path, const
   c.cosine = dot / std::sqrt(std::max(a2 * ref2, 1e-300));
   c.top1_agreement = static_cast<double>(top1_same) / static_cast<double>(c.positions);
   c.kl_mean = kl_sum / static_cast<double>(c.positions);
-  for (int64_t p = 0; p < c.seq; ++p)
+  for (int64_t p = 0; p <= max_position; ++p)
     if (c.per_position_max_abs[static_cast<size_t>(p)] > tol.logits_max_abs) {
       c.first_divergent_position = p;
       break;
@@ -176,7 +185,7 @@ Comparison compare_outputs(const fs::path& a_path, const fs::path& b_path, const
         const double x = ha[static_cast<size_t>(r * width + k)], y = hb[static_cast<size_t>(r * width + k)];
         double d = std::abs(x - y);
         if (std::isnan(d)) d = INFINITY;
-        if (d > ld.max_abs) ld.max_abs = d, ld.worst_position = r % c.seq;
+        if (d > ld.max_abs) ld.max_abs = d, ld.worst_position = positions[static_cast<size_t>(r)];
         d2 += d * d;
         r2 += y * y;
       }

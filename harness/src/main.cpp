@@ -11,6 +11,9 @@ int main(int argc, char** argv) {
   opensci::cli::add_toy_command(app);
   opensci::cli::add_forward_command(app);
   opensci::cli::add_compare_command(app);
+  opensci::cli::add_matrix_command(app);
+  opensci::cli::add_capture_command(app);
+  opensci::cli::add_cell_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {  // includes CLI::RuntimeError(code) thrown by a failed check

@@ -30,7 +30,7 @@ struct LayerDiff {
   std::string name;  // hidden.embed, attn.0, mlp.0, hidden.layer.0, ..., hidden.final_norm
   double max_abs = 0;
   double rel_l2 = 0;              // ||a - b|| / ||b||
-  int64_t worst_position = -1;    // sequence position of max_abs
+  int64_t worst_position = -1;    // position id of max_abs
 };
 
 struct Comparison {
@@ -44,10 +44,10 @@ struct Comparison {
   double logsoftmax_max_abs = 0;
   double kl_mean = 0, kl_max = 0;  // KL(softmax(b) || softmax(a)) per position
   int64_t nonfinite_a = 0, nonfinite_b = 0;
-  std::vector<double> per_position_max_abs;  // [seq], max over batch rows (pads skipped)
+  std::vector<double> per_position_max_abs;  // [max position id + 1], max over rows (pads skipped)
   std::vector<LayerDiff> layers;             // in forward order, names present in both files
   std::optional<std::string> first_divergent_layer;
-  std::optional<int64_t> first_divergent_position;  // first seq position whose logits exceed tol
+  std::optional<int64_t> first_divergent_position;  // first position id whose logits exceed tol
   std::vector<std::string> failures;                // empty = within tolerance
   bool passed() const { return failures.empty(); }
 };

@@ -1,0 +1,48 @@
+// Runs harness/python/capture.py inside an isolated environment as a subprocess and records
+// what happened in <out>/outcome.json, whatever happened:
+//   ok          output.safetensors present, parseable, logits [batch, seq, vocab] for our batch
+//   error       the script raised (error.json: stage, type, message) or exited non-zero
+//   crash       killed by a signal
+//   timeout     ran past the limit; the whole process group was killed
+//   no-output   exited 0 without writing output.safetensors
+//   bad-output  output.safetensors unreadable, or not the logits of the requested batch
+// The environment being unavailable on this machine is not an outcome: <out>/SKIPPED holds
+// the reason and the caller reports Not Run.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace opensci::harness {
+
+struct CaptureOptions {
+  nlohmann::json env_spec;
+  std::filesystem::path model, tokens_file, out;
+  std::filesystem::path script_dir;  // harness/python
+  std::string dtype = "float32", device = "cpu", attn_impl = "default";
+  bool hidden_states = true, dump_state_dict = true;
+  std::vector<std::string> shims;
+  int threads = 0;  // 0 = all cores
+  std::chrono::seconds timeout{600};
+};
+
+enum class CaptureStatus { Ok, Error, Crash, Timeout, NoOutput, BadOutput, Unavailable };
+
+struct CaptureResult {
+  CaptureStatus status = CaptureStatus::Error;
+  std::string detail;
+  nlohmann::json outcome;  // what was written to outcome.json
+};
+
+std::string_view capture_status_name(CaptureStatus status);
+
+CaptureResult run_capture(const CaptureOptions& options);
+
+// Checks a capture's output file against the batch it was asked to run. Returns "" when it
+// is usable, else what is wrong (used for the bad-output status, and by tests).
+std::string check_capture_output(const std::filesystem::path& output, const std::filesystem::path& tokens_file);
+
+}  // namespace opensci::harness

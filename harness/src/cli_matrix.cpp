@@ -1,0 +1,94 @@
+// `matrix ctest`, `capture`, `cell`: the steps CTest runs for every matrix cell.
+#include <fmt/core.h>
+
+#include <fstream>
+#include <thread>
+
+#include "commands.hpp"
+#include "opensci/error.hpp"
+#include "opensci/harness/capture.hpp"
+#include "opensci/harness/cell.hpp"
+#include "opensci/harness/environment.hpp"
+#include "opensci/harness/matrix.hpp"
+
+namespace opensci::cli {
+namespace fs = std::filesystem;
+
+void add_matrix_command(CLI::App& app) {
+  struct Args {
+    std::string matrix, cli, work, out;
+  };
+  auto a = std::make_shared<Args>();
+  auto* matrix = app.add_subcommand("matrix", "Work with the declarative matrix (matrix/matrix.json)");
+  matrix->require_subcommand(1);
+  auto* ctest = matrix->add_subcommand("ctest", "Generate the CTest include file of the matrix");
+  ctest->add_option("--matrix", a->matrix, "matrix JSON")->required()->check(CLI::ExistingFile);
+  ctest->add_option("--cli", a->cli, "path of the opensci-compat binary the tests run")->required();
+  ctest->add_option("--work", a->work, "work dir for toys, captures, results")->required();
+  ctest->add_option("--out", a->out, "CMake file to write")->required();
+  ctest->callback([a] {
+    const auto m = harness::load_matrix(a->matrix);
+    harness::EmitOptions o{fs::absolute(a->cli), fs::absolute(a->work), {}};
+    const auto text = harness::emit_ctest(m, o);
+    const auto tmp = a->out + ".tmp";
+    std::ofstream(tmp) << text;
+    fs::rename(tmp, a->out);
+    fmt::print("{}: {} cells\n", a->out, m.cells.size());
+  });
+}
+
+void add_capture_command(CLI::App& app) {
+  struct Args {
+    std::string spec;
+    harness::CaptureOptions o;
+    int timeout_s = 600;
+  };
+  auto a = std::make_shared<Args>();
+  auto* cmd = app.add_subcommand("capture", "Run transformers in an isolated environment and capture its forward");
+  cmd->add_option("--env-spec", a->spec, "environment spec (JSON text or file)")->required();
+  cmd->add_option("--model", a->o.model, "model directory")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("--tokens-file", a->o.tokens_file, "token ids JSON")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--dtype", a->o.dtype, "float32 | bfloat16 | float64");
+  cmd->add_option("--device", a->o.device, "cpu | cuda");
+  cmd->add_option("--attn-impl", a->o.attn_impl, "default | eager | sdpa");
+  cmd->add_option("--out", a->o.out, "capture directory")->required();
+  cmd->add_option("--shim", a->o.shims, "runtime shim to apply before loading (repeatable)");
+  cmd->add_option("--threads", a->o.threads, "torch threads (0 = all cores)");
+  cmd->add_option("--timeout", a->timeout_s, "seconds before the whole process group is killed");
+  cmd->add_option("--script-dir", a->o.script_dir, "directory of capture.py")->default_str(OPENSCI_SOURCE_DIR "/harness/python");
+  cmd->add_flag("--hidden-states,!--no-hidden-states", a->o.hidden_states, "capture per-layer tensors");
+  cmd->add_flag("--dump-state-dict,!--no-dump-state-dict", a->o.dump_state_dict, "dump parameters after loading");
+  cmd->callback([a] {
+    a->o.env_spec = harness::load_spec(a->spec);
+    a->o.timeout = std::chrono::seconds(a->timeout_s);
+    if (a->o.script_dir.empty()) a->o.script_dir = OPENSCI_SOURCE_DIR "/harness/python";
+    const auto r = harness::run_capture(a->o);
+    fmt::print("capture {}: {}\n", harness::capture_status_name(r.status), r.detail);
+    if (r.status == harness::CaptureStatus::Unavailable) throw CLI::RuntimeError(77);
+    // Every other outcome is recorded in outcome.json and judged by the cells.
+  });
+}
+
+void add_cell_command(CLI::App& app) {
+  auto o = std::make_shared<harness::CellOptions>();
+  auto labels = std::make_shared<std::string>();
+  auto* cmd = app.add_subcommand("cell", "Judge one matrix cell: capture vs reference backend");
+  cmd->add_option("--name", o->name, "cell name")->required();
+  cmd->add_option("--capture", o->capture, "capture directory")->required();
+  cmd->add_option("--model", o->model, "model directory")->required();
+  cmd->add_option("--backend", o->backend, "reference backend");
+  cmd->add_option("--precision", o->precision, "fp64 | fp32 | bf16");
+  cmd->add_option("--tolerance-file", o->tolerance_file, "tolerances JSON")->required();
+  cmd->add_option("--tolerance", o->tolerance, "tolerance name")->required();
+  cmd->add_option("--expect", o->expect, "pass | xfail:<hazard>");
+  cmd->add_option("--result", o->result, "result JSON to write")->required();
+  cmd->add_option("--labels", *labels, "comma-separated labels, recorded in the result");
+  cmd->callback([o, labels] {
+    std::stringstream ss(*labels);
+    for (std::string l; std::getline(ss, l, ',');) o->labels.push_back(l);
+    const int code = harness::run_cell(*o);
+    if (code != 0) throw CLI::RuntimeError(code);
+  });
+}
+
+}  // namespace opensci::cli

@@ -1,0 +1,203 @@
+#include "opensci/harness/matrix.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <fstream>
+#include <regex>
+#include <set>
+
+#include "opensci/error.hpp"
+
+namespace opensci::harness {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+std::vector<std::string> string_list(const json& j, const char* key, const std::string& where) {
+  std::vector<std::string> out;
+  if (!j.contains(key)) return out;
+  if (!j[key].is_array()) fail("{}: '{}' must be a list of strings", where, key);
+  for (const auto& v : j[key]) {
+    if (!v.is_string()) fail("{}: '{}' must be a list of strings", where, key);
+    out.push_back(v.get<std::string>());
+  }
+  return out;
+}
+
+std::string short_dtype(const std::string& dtype) {
+  if (dtype == "float32") return "fp32";
+  if (dtype == "bfloat16") return "bf16";
+  if (dtype == "float16") return "fp16";
+  if (dtype == "float64") return "fp64";
+  return dtype;
+}
+
+// CMake bracket argument: no quoting or escaping issues whatever the text holds.
+std::string bracket(const std::string& s) { return "[==[" + s + "]==]"; }
+
+std::string cmake_list(const std::vector<std::string>& items) { return fmt::format("{}", fmt::join(items, ";")); }
+
+}  // namespace
+
+std::vector<std::string> MatrixEnvironment::version_labels() const {
+  static const std::regex semver(R"((\d+)\.(\d+)(\..*)?)");
+  std::smatch m;
+  if (std::regex_match(transformers, m, semver)) return {fmt::format("v{}", m[1].str()), fmt::format("v{}.{}", m[1].str(), m[2].str())};
+  return {transformers};  // "latest", "main", ...
+}
+
+std::string MatrixEnvironment::provider() const { return spec.value("provider", std::string("unknown")); }
+
+Matrix load_matrix(const fs::path& file) {
+  std::ifstream in(file);
+  if (!in) fail("{}: cannot open matrix file", file.string());
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    fail("{}: matrix is not valid JSON: {}", file.string(), e.what());
+  }
+  Matrix m;
+  m.file = fs::absolute(file);
+  m.source_dir = m.file.parent_path().parent_path();
+  const auto where = m.file.string();
+  m.tolerances = m.file.parent_path() / j.value("tolerances", std::string("tolerances.json"));
+
+  std::map<std::string, fs::path> tokens;
+  for (const auto& [name, path] : j.value("tokens", json::object()).items()) tokens[name] = m.source_dir / path.get<std::string>();
+
+  for (const auto& [name, mj] : j.at("models").items()) {
+    MatrixModel model;
+    model.name = name;
+    if (!mj.contains("config")) fail("{}: model '{}' has no 'config'", where, name);
+    model.config = m.source_dir / mj["config"].get<std::string>();
+    if (mj.contains("remote_code")) model.remote_code = m.source_dir / mj["remote_code"].get<std::string>();
+    model.seed = mj.value("seed", uint64_t{1});
+    model.toy_dtype = mj.value("toy_dtype", std::string("f32"));
+    model.labels = string_list(mj, "labels", where + ": model " + name);
+    m.models[name] = model;
+  }
+  for (const auto& [name, ej] : j.at("environments").items()) {
+    MatrixEnvironment env;
+    env.name = name;
+    env.transformers = ej.value("transformers", std::string("unknown"));
+    if (!ej.contains("spec") || !ej["spec"].is_object()) fail("{}: environment '{}' has no 'spec' object", where, name);
+    env.spec = ej["spec"];
+    env.shims = string_list(ej, "shims", where + ": environment " + name);
+    for (const auto& [model, outcome] : ej.value("expect", json::object()).items()) env.expect[model] = outcome.get<std::string>();
+    m.environments[name] = env;
+  }
+
+  std::set<std::string> names;
+  for (const auto& cj : j.at("cells")) {
+    const auto tokens_name = cj.value("tokens", std::string("padded"));
+    if (!tokens.count(tokens_name)) fail("{}: cell uses tokens '{}', not declared under 'tokens'", where, tokens_name);
+    const auto capture = cj.value("capture", json::object());
+    const auto parallel = cj.value("parallel", json::object());
+    for (const auto& env_name : string_list(cj, "environments", where)) {
+      if (!m.environments.count(env_name)) fail("{}: cell names environment '{}', which is not declared", where, env_name);
+      const auto& env = m.environments.at(env_name);
+      for (const auto& model_name : string_list(cj, "models", where)) {
+        if (!m.models.count(model_name)) fail("{}: cell names model '{}', which is not declared", where, model_name);
+        const auto& model = m.models.at(model_name);
+        for (const auto& rj : cj.at("reference")) {
+          MatrixCell c;
+          c.env = &env;
+          c.model = &model;
+          c.tokens_name = tokens_name;
+          c.tokens = tokens.at(tokens_name);
+          c.dtype = capture.value("dtype", std::string("float32"));
+          c.device = capture.value("device", std::string("cpu"));
+          c.reference.backend = rj.value("backend", std::string("cpu"));
+          c.reference.precision = rj.value("precision", std::string("fp64"));
+          c.reference.tolerance = rj.at("tolerance").get<std::string>();
+          c.sp = parallel.value("sp", 1);
+          c.ep = parallel.value("ep", 1);
+          c.expect = env.expect.count(model_name) ? env.expect.at(model_name) : cj.value("expect", std::string("pass"));
+          if (c.expect != "pass" && !c.expect.starts_with("xfail:"))
+            fail("{}: expected outcome '{}' for {}/{} must be 'pass' or 'xfail:<hazard id>'", where, c.expect, env_name,
+                 model_name);
+          c.capture_name = fmt::format("{}/{}/{}/{}-{}", env_name, model_name, tokens_name, c.dtype, c.device);
+          c.name = fmt::format("cell/{}/vs-{}-{}", c.capture_name, c.reference.backend, c.reference.precision);
+          if (!names.insert(c.name).second) fail("{}: two cells are both named '{}'", where, c.name);
+          c.labels = {"matrix", "cell", env_name, env.provider(), c.reference.backend, short_dtype(c.dtype),
+                      fmt::format("sp{}", c.sp), fmt::format("ep{}", c.ep), model_name};
+          for (const auto& l : env.version_labels()) c.labels.push_back(l);
+          for (const auto& l : model.labels) c.labels.push_back(l);
+          m.cells.push_back(c);
+        }
+      }
+    }
+  }
+  return m;
+}
+
+fs::path model_dir(const EmitOptions& o, const MatrixModel& m) { return o.work / "models" / m.name; }
+fs::path capture_dir(const EmitOptions& o, const MatrixCell& c) { return o.work / "captures" / c.capture_name; }
+fs::path result_file(const EmitOptions& o, const MatrixCell& c) {
+  auto flat = c.name;
+  std::replace(flat.begin(), flat.end(), '/', '+');
+  return o.work / "results" / (flat + ".json");
+}
+
+std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
+  std::string out = fmt::format("# Generated by opensci-compat matrix ctest from {}. Do not edit.\n", m.file.string());
+  const auto cli = bracket(o.cli.string());
+  auto add = [&](const std::string& name, const std::string& command, const std::string& properties) {
+    out += fmt::format("add_test({} {} {})\nset_tests_properties({} PROPERTIES {})\n", bracket(name), cli, command,
+                       bracket(name), properties);
+  };
+  std::set<std::string> used_models, used_envs, used_captures;
+  for (const auto& c : m.cells) {
+    used_models.insert(c.model->name);
+    used_envs.insert(c.env->name);
+  }
+  for (const auto& name : used_models) {
+    const auto& model = m.models.at(name);
+    std::string cmd = fmt::format("toy --config {} --seed {} --out {} --dtype {}", bracket(model.config.string()),
+                                  model.seed, bracket(model_dir(o, model).string()), model.toy_dtype);
+    if (!model.remote_code.empty()) cmd += " --remote-code " + bracket(model.remote_code.string());
+    add("toy/" + name, cmd, fmt::format("FIXTURES_SETUP toy.{} LABELS \"matrix;toy\"", name));
+  }
+  for (const auto& name : used_envs) {
+    const auto& env = m.environments.at(name);
+    // Provisioning a rootfs takes minutes on a cold cache; 77 = unavailable here (reason printed).
+    add("env/" + name, fmt::format("env provision --spec {}", bracket(env.spec.dump())),
+        fmt::format("FIXTURES_SETUP env.{} SKIP_RETURN_CODE 77 TIMEOUT 3600 RESOURCE_LOCK env.{} LABELS \"{}\"", name,
+                    name, cmake_list([&] {
+                      std::vector<std::string> l{"matrix", "env", name, env.provider()};
+                      for (const auto& v : env.version_labels()) l.push_back(v);
+                      return l;
+                    }())));
+  }
+  for (const auto& c : m.cells) {
+    const auto cap = capture_dir(o, c);
+    if (used_captures.insert(c.capture_name).second) {
+      std::string cmd = fmt::format(
+          "capture --env-spec {} --model {} --tokens-file {} --dtype {} --device {} --out {} --hidden-states "
+          "--dump-state-dict",
+          bracket(c.env->spec.dump()), bracket(model_dir(o, *c.model).string()), bracket(c.tokens.string()), c.dtype,
+          c.device, bracket(cap.string()));
+      for (const auto& shim : c.env->shims) cmd += " --shim " + shim;
+      add("capture/" + c.capture_name, cmd,
+          fmt::format("FIXTURES_SETUP {} FIXTURES_REQUIRED \"env.{};toy.{}\" SKIP_RETURN_CODE 77 TIMEOUT 900 "
+                      "PROCESSORS 2 LABELS \"matrix;capture;{}\"",
+                      bracket("capture." + c.capture_name), c.env->name, c.model->name, c.env->name));
+    }
+    const std::string cmd = fmt::format(
+        "cell --name {} --capture {} --model {} --backend {} --precision {} --tolerance-file {} --tolerance {} "
+        "--expect {} --result {} --labels {}",
+        bracket(c.name), bracket(cap.string()), bracket(model_dir(o, *c.model).string()), c.reference.backend,
+        c.reference.precision, bracket(m.tolerances.string()), c.reference.tolerance, c.expect,
+        bracket(result_file(o, c).string()), bracket(fmt::format("{}", fmt::join(c.labels, ","))));
+    std::string props = fmt::format("FIXTURES_REQUIRED {} SKIP_RETURN_CODE 77 TIMEOUT 600 LABELS \"{}\"",
+                                    bracket("capture." + c.capture_name), cmake_list(c.labels));
+    if (c.reference.backend == "cuda" || c.reference.backend == "hip") props += " RESOURCE_GROUPS gpus:1";
+    add(c.name, cmd, props);
+  }
+  return out;
+}
+
+}  // namespace opensci::harness
