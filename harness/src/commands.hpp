@@ -12,5 +12,6 @@ void add_compare_command(CLI::App& app);
 void add_matrix_command(CLI::App& app);
 void add_capture_command(CLI::App& app);
 void add_cell_command(CLI::App& app);
+void add_report_command(CLI::App& app);
 
 }  // namespace opensci::cli
