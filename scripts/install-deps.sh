@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what opensci-compat needs on Debian 12 (run as root). Idempotent: only missing
+# packages are installed. GPU toolchains (nvcc, hipcc) are optional: see scripts/ci/.
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build pkg-config git
+  libfmt-dev nlohmann-json3-dev libcli11-dev catch2 libbenchmark-dev
+  libopenblas-dev
+  debootstrap        # builds the Debian sid environment (real transformers 5.12.1 + torch)
+  util-linux         # unshare: private mount namespaces for the rootfs environment
+  python3            # the 'system' environment provider's tests
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}"
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: need root to install packages: ${missing[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "install-deps: all build dependencies present"
+fi
