@@ -1,0 +1,87 @@
+"""Loading a model directory with transformers the way users do, across 4.48 ... 5.x.
+
+Shared by capture.py and bench_forward.py. Runs inside an isolated environment: stdlib, torch
+and transformers (with its own dependencies, e.g. numpy) only. torch and transformers are
+imported inside the functions so that the caller decides when an import failure happens and
+can attribute it to its "import" stage.
+"""
+
+import json
+import os
+import platform
+import re
+import sys
+
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+def version_tuple(version):
+    """'4.56.0.dev0' -> (4, 56, 0): the leading numeric components."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        match = re.match(r"\d+", piece)
+        if not match:
+            break
+        parts.append(int(match.group()))
+        if match.end() != len(piece):  # '0rc1': a pre-release tail ends the numeric part
+            break
+    return tuple(parts)
+
+
+def library_versions():
+    import torch
+    import transformers
+
+    try:
+        import numpy
+
+        numpy_version = numpy.__version__
+    except ImportError:
+        numpy_version = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy_version,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "executable": sys.executable,
+    }
+
+
+def read_config_json(model_dir):
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def needs_remote_code(config_json):
+    """A config with an auto_map is served by the remote code next to it."""
+    return bool(config_json.get("auto_map"))
+
+
+def load_config(model_dir, trust_remote_code):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+
+
+def load_model(model_dir, dtype, device, attn_impl, trust_remote_code):
+    """AutoModelForCausalLM.from_pretrained with an explicit dtype (hazard H6: 5.x would otherwise
+    take the checkpoint's dtype, 4.x fp32), moved to `device`, in eval mode.
+
+    attn_impl "default" passes nothing, so the version's own default is what gets measured.
+    Returns (model, the from_pretrained keyword arguments used, as strings)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    # `torch_dtype` was renamed `dtype` in 4.56 (the old name warns from then on).
+    dtype_key = "dtype" if version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": True, dtype_key: getattr(torch, dtype)}
+    if attn_impl != "default":
+        kwargs["attn_implementation"] = attn_impl
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = model.to(device).eval()
+    return model, {k: str(v) for k, v in kwargs.items()}
