@@ -35,7 +35,7 @@ double prefill_flops(const ModelConfig& c, int64_t batch, int64_t seq) {
   const double D = static_cast<double>(c.head_dim), NH = static_cast<double>(c.num_heads), NKV = static_cast<double>(c.num_kv_heads);
   const double per_layer = H * D * (2 * NH + 2 * NKV) + 3 * H * static_cast<double>(c.intermediate_size);
   const double linear = T * (static_cast<double>(c.num_layers) * per_layer + H * static_cast<double>(c.vocab_size));
-  const double attention = static_cast<double>(c.num_layers) * batch * NH * D * static_cast<double>(seq * (seq + 1));
+  const double attention = static_cast<double>(c.num_layers * batch) * NH * D * static_cast<double>(seq * (seq + 1));
   return 2 * (linear + attention);
 }
 

@@ -66,7 +66,8 @@ Matrix load_matrix(const fs::path& file) {
   m.tolerances = m.file.parent_path() / j.value("tolerances", std::string("tolerances.json"));
 
   std::map<std::string, fs::path> tokens;
-  for (const auto& [name, path] : j.value("tokens", json::object()).items()) tokens[name] = m.source_dir / path.get<std::string>();
+  const json token_files = j.value("tokens", json::object());  // a named local: items() must not outlive it
+  for (const auto& [name, path] : token_files.items()) tokens[name] = m.source_dir / path.get<std::string>();
 
   for (const auto& [name, mj] : j.at("models").items()) {
     MatrixModel model;
@@ -86,7 +87,8 @@ Matrix load_matrix(const fs::path& file) {
     if (!ej.contains("spec") || !ej["spec"].is_object()) fail("{}: environment '{}' has no 'spec' object", where, name);
     env.spec = ej["spec"];
     env.shims = string_list(ej, "shims", where + ": environment " + name);
-    for (const auto& [model, outcome] : ej.value("expect", json::object()).items()) env.expect[model] = outcome.get<std::string>();
+    const json expect = ej.value("expect", json::object());
+    for (const auto& [model, outcome] : expect.items()) env.expect[model] = outcome.get<std::string>();
     m.environments[name] = env;
   }
 
