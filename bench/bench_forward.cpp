@@ -119,7 +119,7 @@ int main(int argc, char** argv) {
       const auto torch_json = fs::path(work) / "torch.json";
       fs::remove(torch_json);
       auto proc_spec = env.python(OPENSCI_SOURCE_DIR "/harness/python/bench_forward.py",
-                                  {"--model", fs::absolute(model).string(), "--tokens-file", fs::absolute(tokens_file).string(),
+                                  {"--model", fs::absolute(model).string(), "--batch", std::to_string(batch), "--seq", std::to_string(seq),
                                    "--threads", std::to_string(threads), "--repeats", std::to_string(repeats), "--warmup", "1",
                                    "--dtype", "float32", "--out", fs::absolute(torch_json).string()},
                                   {OPENSCI_SOURCE_DIR "/harness/python", fs::absolute(work)}, extra, std::chrono::minutes(30));
@@ -129,7 +129,7 @@ int main(int argc, char** argv) {
       if (!res.ok()) opensci::fail("transformers benchmark failed: {}\n{}", res.describe(), res.stderr_tail);
       std::ifstream in(torch_json);
       const auto tj = nlohmann::json::parse(in);
-      const double torch_s = tj.at("median_s").get<double>();
+      const double torch_s = tj.at("median_seconds").get<double>();
       fmt::print("transformers {} / torch {} fp32: median {:.3f} s, {:.1f} GFLOP/s\n", env.transformers_version,
                  env.torch_version, torch_s, flops / torch_s / 1e9);
       fmt::print("ratio torch / reference = {:.2f} (> 1: the reference is faster)\n", torch_s / ref_s);
