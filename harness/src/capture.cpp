@@ -54,6 +54,41 @@ std::string check_capture_output(const fs::path& output, const fs::path& tokens_
   return "";
 }
 
+namespace {
+
+CaptureResult replay_golden(const CaptureOptions& o) {
+  CaptureResult r;
+  const auto slash = o.variant.find('/');
+  if (slash == std::string::npos) fail("golden capture needs --variant <model>/<patch set>, got '{}'", o.variant);
+  fs::path dir = o.env_spec.value("dir", std::string());
+  if (dir.is_relative()) dir = fs::path(OPENSCI_SOURCE_DIR) / dir;
+  const auto src = dir / o.variant.substr(0, slash) / o.variant.substr(slash + 1);
+  if (!fs::exists(src / "outcome.json"))
+    fail("golden capture {} has no outcome.json: the matrix names a golden cell that was never recorded", src.string());
+  for (const char* name : {"outcome.json", "provenance.json", "output.safetensors", "state_dict.safetensors", "error.json"})
+    if (fs::exists(src / name)) fs::copy_file(src / name, o.out / name, fs::copy_options::overwrite_existing);
+  std::ifstream in(o.out / "outcome.json");
+  r.outcome = json::parse(in);
+  r.outcome["golden"] = src.string();
+  const auto recorded = r.outcome.value("status", std::string());
+  if (recorded == "ok") {
+    // The committed output must be for the batch this cell asks for.
+    if (auto problem = check_capture_output(o.out / "output.safetensors", o.tokens_file); !problem.empty()) {
+      r.outcome["status"] = "bad-output";
+      r.outcome["detail"] = "golden capture " + src.string() + ": " + problem;
+    }
+  }
+  r.status = CaptureStatus::Ok;
+  for (auto s : {CaptureStatus::Ok, CaptureStatus::Error, CaptureStatus::Crash, CaptureStatus::Timeout,
+                 CaptureStatus::NoOutput, CaptureStatus::BadOutput})
+    if (capture_status_name(s) == r.outcome.value("status", std::string())) r.status = s;
+  r.detail = "replayed " + src.string() + ": " + r.outcome.value("detail", std::string());
+  std::ofstream(o.out / "outcome.json") << r.outcome.dump(2) << "\n";
+  return r;
+}
+
+}  // namespace
+
 CaptureResult run_capture(const CaptureOptions& o) {
   CaptureResult r;
   fs::create_directories(o.out);
@@ -62,6 +97,7 @@ CaptureResult run_capture(const CaptureOptions& o) {
     fs::remove(o.out / stale);
   fs::remove_all(o.out / "run");
 
+  if (o.env_spec.value("provider", std::string()) == "golden") return replay_golden(o);
   auto provider = make_provider(o.env_spec);
   const auto availability = provider->probe();
   if (!availability) {
@@ -72,8 +108,6 @@ CaptureResult run_capture(const CaptureOptions& o) {
   }
   Progress progress("env " + provider->id());
   const Environment env = provider->realise(progress);
-  if (!env.has_torch() || !env.has_transformers())
-    fail("environment {} has no usable torch/transformers: {}", env.id, json(env.import_errors).dump());
 
   const auto run_dir = o.out / "run";
   const int threads = o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -115,6 +149,7 @@ CaptureResult run_capture(const CaptureOptions& o) {
     r.detail = error.is_object() ? fmt::format("{} during {}: {}", error.value("type", "?"), error.value("stage", "?"),
                                                error.value("message", ""))
                                  : proc.describe();
+    if (!env.import_errors.empty()) r.detail += fmt::format(" (environment import errors: {})", json(env.import_errors).dump());
   } else if (!fs::exists(output)) {
     r.status = CaptureStatus::NoOutput;
     r.detail = "capture exited 0 but wrote no output.safetensors";
@@ -127,6 +162,7 @@ CaptureResult run_capture(const CaptureOptions& o) {
   }
   r.outcome = {{"status", capture_status_name(r.status)},
                {"detail", r.detail},
+               {"variant", o.variant},
                {"dtype", o.dtype},
                {"device", o.device},
                {"shims", o.shims},

@@ -10,6 +10,8 @@
 #include "opensci/harness/cell.hpp"
 #include "opensci/harness/environment.hpp"
 #include "opensci/harness/matrix.hpp"
+#include "opensci/harness/patch.hpp"
+#include <fmt/ranges.h>
 #include "opensci/harness/report.hpp"
 
 namespace opensci::cli {
@@ -54,6 +56,7 @@ void add_capture_command(CLI::App& app) {
   cmd->add_option("--attn-impl", a->o.attn_impl, "default | eager | sdpa");
   cmd->add_option("--out", a->o.out, "capture directory")->required();
   cmd->add_option("--shim", a->o.shims, "runtime shim to apply before loading (repeatable)");
+  cmd->add_option("--variant", a->o.variant, "<model>/<patch set>, recorded (and the key of golden captures)");
   cmd->add_option("--threads", a->o.threads, "torch threads (0 = all cores)");
   cmd->add_option("--timeout", a->timeout_s, "seconds before the whole process group is killed");
   cmd->add_option("--script-dir", a->o.script_dir, "directory of capture.py")->default_str(OPENSCI_SOURCE_DIR "/harness/python");
@@ -67,6 +70,23 @@ void add_capture_command(CLI::App& app) {
     fmt::print("capture {}: {}\n", harness::capture_status_name(r.status), r.detail);
     if (r.status == harness::CaptureStatus::Unavailable) throw CLI::RuntimeError(77);
     // Every other outcome is recorded in outcome.json and judged by the cells.
+  });
+}
+
+void add_patch_command(CLI::App& app) {
+  struct Args {
+    std::string model, patch, out;
+  };
+  auto a = std::make_shared<Args>();
+  auto* cmd = app.add_subcommand("patch", "Apply a static patch (matrix/patches/*.json) to a copy of a model dir");
+  cmd->add_option("--model", a->model, "model directory")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("--patch", a->patch, "patch JSON")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--out", a->out, "patched copy")->required();
+  cmd->callback([a] {
+    const auto patch = harness::load_patch(a->patch);
+    const auto r = harness::apply_patch(patch, a->model, a->out);
+    fmt::print("patch '{}' (fixes {}) applied to {}:\n", patch.name, fmt::join(patch.fixes, ", "), a->out);
+    for (const auto& line : r.applied) fmt::print("  {}\n", line);
   });
 }
 

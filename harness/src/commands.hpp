@@ -8,10 +8,13 @@ namespace opensci::cli {
 
 void add_toy_command(CLI::App& app);
 void add_forward_command(CLI::App& app);
+void add_convert_command(CLI::App& app);
 void add_compare_command(CLI::App& app);
 void add_matrix_command(CLI::App& app);
 void add_capture_command(CLI::App& app);
+void add_env_command(CLI::App& app);
 void add_cell_command(CLI::App& app);
+void add_patch_command(CLI::App& app);
 void add_report_command(CLI::App& app);
 
 }  // namespace opensci::cli

@@ -10,10 +10,13 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   opensci::cli::add_toy_command(app);
   opensci::cli::add_forward_command(app);
+  opensci::cli::add_convert_command(app);
   opensci::cli::add_compare_command(app);
   opensci::cli::add_matrix_command(app);
   opensci::cli::add_capture_command(app);
+  opensci::cli::add_env_command(app);
   opensci::cli::add_cell_command(app);
+  opensci::cli::add_patch_command(app);
   opensci::cli::add_report_command(app);
   try {
     app.parse(argc, argv);

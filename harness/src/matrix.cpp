@@ -80,13 +80,28 @@ Matrix load_matrix(const fs::path& file) {
     model.labels = string_list(mj, "labels", where + ": model " + name);
     m.models[name] = model;
   }
+  m.patch_sets["none"] = PatchSet{};
+  const json patch_sets = j.value("patch_sets", json::object());
+  for (const auto& [name, pj] : patch_sets.items()) {
+    if (name.starts_with("_")) continue;
+    PatchSet p;
+    p.name = name;
+    if (pj.contains("static")) p.static_patch = m.source_dir / pj["static"].get<std::string>();
+    p.shims = string_list(pj, "shims", where + ": patch set " + name);
+    if (p.unpatched()) fail("{}: patch set '{}' has neither 'static' nor 'shims'", where, name);
+    if (!p.static_patch.empty() && !fs::exists(p.static_patch))
+      fail("{}: patch set '{}' names {}, which does not exist", where, name, p.static_patch.string());
+    m.patch_sets[name] = p;
+  }
   for (const auto& [name, ej] : j.at("environments").items()) {
     MatrixEnvironment env;
     env.name = name;
     env.transformers = ej.value("transformers", std::string("unknown"));
     if (!ej.contains("spec") || !ej["spec"].is_object()) fail("{}: environment '{}' has no 'spec' object", where, name);
     env.spec = ej["spec"];
-    env.shims = string_list(ej, "shims", where + ": environment " + name);
+    if (ej.contains("patch_sets")) env.patch_sets = string_list(ej, "patch_sets", where + ": environment " + name);
+    for (const auto& ps : env.patch_sets)
+      if (!m.patch_sets.count(ps)) fail("{}: environment '{}' uses patch set '{}', which is not declared", where, name, ps);
     const json expect = ej.value("expect", json::object());
     for (const auto& [model, outcome] : expect.items()) env.expect[model] = outcome.get<std::string>();
     m.environments[name] = env;
@@ -104,10 +119,13 @@ Matrix load_matrix(const fs::path& file) {
       for (const auto& model_name : string_list(cj, "models", where)) {
         if (!m.models.count(model_name)) fail("{}: cell names model '{}', which is not declared", where, model_name);
         const auto& model = m.models.at(model_name);
+        for (const auto& patch_name : env.patch_sets)
         for (const auto& rj : cj.at("reference")) {
           MatrixCell c;
           c.env = &env;
           c.model = &model;
+          c.patch = &m.patch_sets.at(patch_name);
+          c.variant = patch_name == "none" ? model_name : model_name + "+" + patch_name;
           c.tokens_name = tokens_name;
           c.tokens = tokens.at(tokens_name);
           c.dtype = capture.value("dtype", std::string("float32"));
@@ -117,15 +135,17 @@ Matrix load_matrix(const fs::path& file) {
           c.reference.tolerance = rj.at("tolerance").get<std::string>();
           c.sp = parallel.value("sp", 1);
           c.ep = parallel.value("ep", 1);
-          c.expect = env.expect.count(model_name) ? env.expect.at(model_name) : cj.value("expect", std::string("pass"));
+          c.expect = env.expect.count(c.variant) ? env.expect.at(c.variant) : cj.value("expect", std::string("pass"));
           if (c.expect != "pass" && !c.expect.starts_with("xfail:"))
             fail("{}: expected outcome '{}' for {}/{} must be 'pass' or 'xfail:<hazard id>'", where, c.expect, env_name,
                  model_name);
-          c.capture_name = fmt::format("{}/{}/{}/{}-{}", env_name, model_name, tokens_name, c.dtype, c.device);
+          c.capture_name = fmt::format("{}/{}/{}/{}-{}", env_name, c.variant, tokens_name, c.dtype, c.device);
           c.name = fmt::format("cell/{}/vs-{}-{}", c.capture_name, c.reference.backend, c.reference.precision);
           if (!names.insert(c.name).second) fail("{}: two cells are both named '{}'", where, c.name);
           c.labels = {"matrix", "cell", env_name, env.provider(), c.reference.backend, short_dtype(c.dtype),
-                      fmt::format("sp{}", c.sp), fmt::format("ep{}", c.ep), model_name};
+                      fmt::format("sp{}", c.sp), fmt::format("ep{}", c.ep), model_name,
+                      c.patch->unpatched() ? "unpatched" : "patched"};
+          if (!c.patch->unpatched()) c.labels.push_back(patch_name);
           for (const auto& l : env.version_labels()) c.labels.push_back(l);
           for (const auto& l : model.labels) c.labels.push_back(l);
           m.cells.push_back(c);
@@ -137,6 +157,9 @@ Matrix load_matrix(const fs::path& file) {
 }
 
 fs::path model_dir(const EmitOptions& o, const MatrixModel& m) { return o.work / "models" / m.name; }
+fs::path model_dir(const EmitOptions& o, const MatrixCell& c) {
+  return c.patch->static_patch.empty() ? model_dir(o, *c.model) : o.work / "models" / c.variant;
+}
 fs::path capture_dir(const EmitOptions& o, const MatrixCell& c) { return o.work / "captures" / c.capture_name; }
 fs::path result_file(const EmitOptions& o, const MatrixCell& c) {
   auto flat = c.name;
@@ -151,10 +174,10 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
     out += fmt::format("add_test({} {} {})\nset_tests_properties({} PROPERTIES {})\n", bracket(name), cli, command,
                        bracket(name), properties);
   };
-  std::set<std::string> used_models, used_envs, used_captures;
+  std::set<std::string> used_models, used_envs, used_captures, used_patches;
   for (const auto& c : m.cells) {
     used_models.insert(c.model->name);
-    used_envs.insert(c.env->name);
+    if (!c.env->golden()) used_envs.insert(c.env->name);
   }
   for (const auto& name : used_models) {
     const auto& model = m.models.at(name);
@@ -176,22 +199,35 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
   }
   for (const auto& c : m.cells) {
     const auto cap = capture_dir(o, c);
+    // The model a capture loads: the toy, or its statically patched copy.
+    std::string model_fixture = "toy." + c.model->name;
+    if (!c.patch->static_patch.empty()) {
+      model_fixture = "model." + c.variant;
+      if (used_patches.insert(c.variant).second)
+        add("patch/" + c.variant,
+            fmt::format("patch --model {} --patch {} --out {}", bracket(model_dir(o, *c.model).string()),
+                        bracket(c.patch->static_patch.string()), bracket(model_dir(o, c).string())),
+            fmt::format("FIXTURES_SETUP {} FIXTURES_REQUIRED toy.{} LABELS \"matrix;patch\"", bracket(model_fixture),
+                        c.model->name));
+    }
     if (used_captures.insert(c.capture_name).second) {
       std::string cmd = fmt::format(
-          "capture --env-spec {} --model {} --tokens-file {} --dtype {} --device {} --out {} --hidden-states "
-          "--dump-state-dict",
-          bracket(c.env->spec.dump()), bracket(model_dir(o, *c.model).string()), bracket(c.tokens.string()), c.dtype,
-          c.device, bracket(cap.string()));
-      for (const auto& shim : c.env->shims) cmd += " --shim " + shim;
+          "capture --env-spec {} --model {} --variant {} --tokens-file {} --dtype {} --device {} --out {} "
+          "--hidden-states --dump-state-dict",
+          bracket(c.env->spec.dump()), bracket(model_dir(o, c).string()),
+          bracket(c.model->name + "/" + c.patch->name), bracket(c.tokens.string()), c.dtype, c.device,
+          bracket(cap.string()));
+      for (const auto& shim : c.patch->shims) cmd += " --shim " + shim;
+      const auto required = c.env->golden() ? model_fixture : fmt::format("env.{};{}", c.env->name, model_fixture);
       add("capture/" + c.capture_name, cmd,
-          fmt::format("FIXTURES_SETUP {} FIXTURES_REQUIRED \"env.{};toy.{}\" SKIP_RETURN_CODE 77 TIMEOUT 900 "
+          fmt::format("FIXTURES_SETUP {} FIXTURES_REQUIRED {} SKIP_RETURN_CODE 77 TIMEOUT 900 "
                       "PROCESSORS 2 LABELS \"matrix;capture;{}\"",
-                      bracket("capture." + c.capture_name), c.env->name, c.model->name, c.env->name));
+                      bracket("capture." + c.capture_name), bracket(required), c.env->name));
     }
     const std::string cmd = fmt::format(
         "cell --name {} --capture {} --model {} --backend {} --precision {} --tolerance-file {} --tolerance {} "
         "--expect {} --result {} --labels {}",
-        bracket(c.name), bracket(cap.string()), bracket(model_dir(o, *c.model).string()), c.reference.backend,
+        bracket(c.name), bracket(cap.string()), bracket(model_dir(o, c).string()), c.reference.backend,
         c.reference.precision, bracket(m.tolerances.string()), c.reference.tolerance, c.expect,
         bracket(result_file(o, c).string()), bracket(fmt::format("{}", fmt::join(c.labels, ","))));
     std::string props = fmt::format("FIXTURES_REQUIRED {} SKIP_RETURN_CODE 77 TIMEOUT 600 LABELS \"{}\"",

@@ -8,6 +8,10 @@
 //   bad-output  output.safetensors unreadable, or not the logits of the requested batch
 // The environment being unavailable on this machine is not an outcome: <out>/SKIPPED holds
 // the reason and the caller reports Not Run.
+//
+// A spec {"provider": "golden", "dir": "fixtures/golden/4.57.6"} replays a committed capture
+// (<dir>/<model>/<patch set>/: output.safetensors, provenance.json, outcome.json[, state_dict])
+// made where that version could be installed; it is checked like a live one.
 #pragma once
 
 #include <chrono>
@@ -22,6 +26,7 @@ struct CaptureOptions {
   nlohmann::json env_spec;
   std::filesystem::path model, tokens_file, out;
   std::filesystem::path script_dir;  // harness/python
+  std::string variant;               // "<model>/<patch set>": recorded, and the key of golden captures
   std::string dtype = "float32", device = "cpu", attn_impl = "default";
   bool hidden_states = true, dump_state_dict = true;
   std::vector<std::string> shims;

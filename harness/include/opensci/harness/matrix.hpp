@@ -1,11 +1,13 @@
 // The declarative matrix (matrix/matrix.json): models x environments x reference runs, each
 // cell with an expected outcome. `emit_ctest` turns it into CTest tests:
 //   toy/<model>                                  FIXTURES_SETUP toy.<model>
+//   patch/<model>+<patch set>                    FIXTURES_SETUP model.<model>+<patch set> (static rewrite)
 //   env/<env>                                    FIXTURES_SETUP env.<env>        (skip 77 = unavailable)
-//   capture/<env>/<model>/<tokens>/<dtype>-<dev> FIXTURES_SETUP capture.<...>    (requires env + toy)
-//   cell/<env>/<model>/<tokens>/<dtype>-<dev>/vs-<backend>-<precision>           (requires capture)
+//   capture/<env>/<variant>/<tokens>/<dtype>-<dev> FIXTURES_SETUP capture.<...>  (requires env + model)
+//   cell/<env>/<variant>/<tokens>/<dtype>-<dev>/vs-<backend>-<precision>         (requires capture)
+// where <variant> is <model> (unpatched) or <model>+<patch set>.
 // Cells are labelled: matrix, cell, version (v5, v5.12), environment, provider, backend,
-// dtype, sp<N>, ep<N>, and the model's labels (lineage, dense/moe).
+// dtype, sp<N>, ep<N>, unpatched/patched (+ the patch set name), and the model's labels.
 #pragma once
 
 #include <filesystem>
@@ -24,14 +26,26 @@ struct MatrixModel {
   std::vector<std::string> labels;
 };
 
+// How a model is patched for a version: a static rewrite of a copy of the model dir
+// (matrix/patches/<name>.json) and/or runtime shims applied in the capture process.
+// "none" (unpatched) always exists.
+struct PatchSet {
+  std::string name = "none";
+  std::filesystem::path static_patch;  // empty: no static rewrite
+  std::vector<std::string> shims;
+  bool unpatched() const { return static_patch.empty() && shims.empty(); }
+};
+
 struct MatrixEnvironment {
   std::string name;
   std::string transformers;  // "5.12.1", "4.57.6", "latest", ...
   nlohmann::json spec;       // provider spec (harness/include/opensci/harness/environment.hpp)
-  std::vector<std::string> shims;              // runtime shims applied in the capture process
-  std::map<std::string, std::string> expect;   // model -> "pass" | "xfail:<hazard>" (overrides the cell's)
+  std::vector<std::string> patch_sets{"none"};  // each model runs once per patch set
+  // "<model>" (unpatched) or "<model>+<patch set>" -> "pass" | "xfail:<hazard>" (overrides the cell's)
+  std::map<std::string, std::string> expect;
   std::vector<std::string> version_labels() const;  // "5.12.1" -> {"v5", "v5.12"}
   std::string provider() const;
+  bool golden() const { return provider() == "golden"; }  // replays committed captures
 };
 
 struct ReferenceRun {
@@ -44,6 +58,8 @@ struct MatrixCell {
   std::string name, capture_name;
   const MatrixEnvironment* env = nullptr;
   const MatrixModel* model = nullptr;
+  const PatchSet* patch = nullptr;
+  std::string variant;  // "<model>" or "<model>+<patch set>"
   std::string tokens_name;
   std::filesystem::path tokens;
   std::string dtype = "float32", device = "cpu";
@@ -56,6 +72,7 @@ struct MatrixCell {
 struct Matrix {
   std::filesystem::path file, source_dir, tolerances;
   std::map<std::string, MatrixModel> models;
+  std::map<std::string, PatchSet> patch_sets;
   std::map<std::string, MatrixEnvironment> environments;
   std::vector<MatrixCell> cells;
 };
@@ -72,6 +89,7 @@ std::string emit_ctest(const Matrix& matrix, const EmitOptions& options);
 
 // Where the pieces of a cell live under the work dir.
 std::filesystem::path model_dir(const EmitOptions& o, const MatrixModel& m);
+std::filesystem::path model_dir(const EmitOptions& o, const MatrixCell& c);  // the patched copy when statically patched
 std::filesystem::path capture_dir(const EmitOptions& o, const MatrixCell& c);
 std::filesystem::path result_file(const EmitOptions& o, const MatrixCell& c);
 
