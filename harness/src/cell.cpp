@@ -17,11 +17,13 @@ using nlohmann::json;
 
 namespace {
 
+// The JSON object in a file; null when the file is missing or not a JSON object.
 json read_json(const fs::path& p) {
   std::ifstream in(p);
   if (!in) return json();
   try {
-    return json::parse(in);
+    auto j = json::parse(in);
+    return j.is_object() ? j : json();
   } catch (const json::exception&) {
     return json();
   }
@@ -85,7 +87,8 @@ int run_cell(const CellOptions& o) {
   const auto outcome = read_json(o.capture / "outcome.json");
   if (outcome.is_null())
     return finish("fail", 1, fmt::format("no capture outcome at {} (did the capture fixture run?)", (o.capture / "outcome.json").string()));
-  const auto provenance = read_json(o.capture / "provenance.json");
+  auto provenance = read_json(o.capture / "provenance.json");
+  if (provenance.is_null()) provenance = json::object();  // a capture that died early has none
   result["capture"] = outcome;
   result["provenance"] = provenance;
   const auto expected_hazard = o.expect.starts_with("xfail:") ? o.expect.substr(6) : std::string();

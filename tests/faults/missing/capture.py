@@ -1,0 +1,1 @@
+# Fault: exit 0 without writing any output.
