@@ -1,5 +1,6 @@
 #include "opensci/checkpoint.hpp"
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -70,7 +71,19 @@ std::vector<std::string> Checkpoint::names() const {
   return out;
 }
 
-std::map<std::string, std::vector<int64_t>> expected_parameters(const ModelConfig& c) {
+std::string_view expert_layout_name(ExpertLayout layout) {
+  return layout == ExpertLayout::Fused ? "fused" : "per-expert";
+}
+
+std::map<std::string, std::vector<int64_t>> expected_parameters(const ModelConfig& c, ExpertLayout layout) {
+  return expected_parameters(c, std::vector<ExpertLayout>(static_cast<size_t>(c.num_layers), layout));
+}
+
+std::map<std::string, std::vector<int64_t>> expected_parameters(const ModelConfig& c,
+                                                                const std::vector<ExpertLayout>& layouts) {
+  if (static_cast<int64_t>(layouts.size()) != c.num_layers)
+    fail("{}: expected_parameters needs one expert layout per layer ({}), got {}", c.source, c.num_layers,
+         layouts.size());
   std::map<std::string, std::vector<int64_t>> p;
   const int64_t H = c.hidden_size, D = c.head_dim, QD = c.num_heads * D, KVD = c.num_kv_heads * D;
   p["model.embed_tokens.weight"] = {c.vocab_size, H};
@@ -93,11 +106,16 @@ std::map<std::string, std::vector<int64_t>> expected_parameters(const ModelConfi
     if (c.is_sparse_layer(l)) {
       const int64_t E = c.num_experts, I = c.moe_intermediate_size;
       p[pre + "mlp.gate.weight"] = {E, H};
-      for (int64_t e = 0; e < E; ++e) {
-        const auto ex = fmt::format("{}mlp.experts.{}.", pre, e);
-        p[ex + "gate_proj.weight"] = {I, H};
-        p[ex + "up_proj.weight"] = {I, H};
-        p[ex + "down_proj.weight"] = {H, I};
+      if (layouts[static_cast<size_t>(l)] == ExpertLayout::Fused) {
+        p[pre + "mlp.experts.gate_up_proj"] = {E, 2 * I, H};
+        p[pre + "mlp.experts.down_proj"] = {E, H, I};
+      } else {
+        for (int64_t e = 0; e < E; ++e) {
+          const auto ex = fmt::format("{}mlp.experts.{}.", pre, e);
+          p[ex + "gate_proj.weight"] = {I, H};
+          p[ex + "up_proj.weight"] = {I, H};
+          p[ex + "down_proj.weight"] = {H, I};
+        }
       }
     } else {
       const int64_t I = c.intermediate_size;
@@ -112,13 +130,55 @@ std::map<std::string, std::vector<int64_t>> expected_parameters(const ModelConfi
   return p;
 }
 
+std::vector<ExpertLayout> detect_expert_layouts(const Checkpoint& ck) {
+  const auto& c = ck.config();
+  std::vector<ExpertLayout> layouts(static_cast<size_t>(c.num_layers), ExpertLayout::PerExpert);
+  const auto names = ck.names();  // sorted
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    if (!c.is_sparse_layer(l)) continue;
+    const auto prefix = fmt::format("model.layers.{}.mlp.experts.", l);
+    std::string per_expert, fused;
+    for (auto it = std::lower_bound(names.begin(), names.end(), prefix); it != names.end() && it->starts_with(prefix);
+         ++it) {
+      const char next = (*it)[prefix.size()];
+      if (next >= '0' && next <= '9') {
+        if (per_expert.empty()) per_expert = *it;
+      } else if (*it == prefix + "gate_up_proj" || *it == prefix + "down_proj") {
+        if (fused.empty()) fused = *it;
+      }
+    }
+    if (!per_expert.empty() && !fused.empty())
+      fail("{}: layer {} mixes expert layouts: per-expert tensor '{}' and fused tensor '{}'; a layer must hold either "
+           "mlp.experts.{{j}}.{{gate,up,down}}_proj.weight for every expert or mlp.experts.gate_up_proj + "
+           "mlp.experts.down_proj",
+           ck.dir().string(), l, per_expert, fused);
+    if (!fused.empty()) layouts[static_cast<size_t>(l)] = ExpertLayout::Fused;
+  }
+  return layouts;
+}
+
 void validate_checkpoint(const Checkpoint& ck) {
   const auto& c = ck.config();
-  const auto expected = expected_parameters(c);
+  const auto layouts = detect_expert_layouts(ck);
+  const auto expected = expected_parameters(c, layouts);
   for (const auto& [name, shape] : expected) {
-    if (!ck.contains(name))
-      fail("{}: checkpoint is missing tensor '{}' (expected shape {} for a {} config)", ck.dir().string(), name,
-           shape_str(shape), lineage_name(c.lineage));
+    if (!ck.contains(name)) {
+      const bool expert = name.find(".mlp.experts.") != std::string::npos;
+      fail("{}: checkpoint is missing tensor '{}' (expected shape {} for a {} config){}", ck.dir().string(), name,
+           shape_str(shape), lineage_name(c.lineage),
+           expert ? fmt::format("; a sparse layer holds either all {} experts as mlp.experts.{{j}}.{{gate,up,down}}_proj"
+                                ".weight or the fused mlp.experts.gate_up_proj [E, 2I, H] + mlp.experts.down_proj "
+                                "[E, H, I]",
+                                c.num_experts)
+                  : std::string());
+    }
+    const auto& found = ck.info(name).shape;
+    // The transposed fused layout some exporters write ([E, H, 2I] / [E, I, H]) needs converting first.
+    if (found != shape && shape.size() == 3 && found.size() == 3 && found[0] == shape[0] && found[1] == shape[2] &&
+        found[2] == shape[1] && name.find(".mlp.experts.") != std::string::npos)
+      fail("{}: tensor '{}' in {} has shape {}, expected {} (fused v5 layout); it looks transposed — convert it with "
+           "`opensci-compat convert --to hf-fused`",
+           ck.dir().string(), name, ck.file_of(name).path().filename().string(), shape_str(found), shape_str(shape));
     ck.file_of(name).check_shape(name, shape);
   }
   for (const auto& name : ck.names()) {

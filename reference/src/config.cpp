@@ -66,6 +66,7 @@ std::string_view lineage_name(Lineage lineage) {
     case Lineage::OpenSciQwen3: return "opensci-qwen3";
     case Lineage::Qwen3: return "qwen3";
     case Lineage::Qwen3Moe: return "qwen3-moe";
+    case Lineage::OpenSciMoe: return "opensci-moe";
   }
   return "?";
 }
@@ -90,8 +91,10 @@ ModelConfig parse_config(const json& j, const std::string& source) {
     c.lineage = j.contains("qk_layernorm") ? Lineage::OpenSciRef : Lineage::OpenSciQwen3;
   } else if (c.model_type == "qwen3") {
     c.lineage = Lineage::Qwen3;
-  } else if (c.model_type == "qwen3_moe" || c.model_type == "opensci_moe") {
+  } else if (c.model_type == "qwen3_moe") {
     c.lineage = Lineage::Qwen3Moe;
+  } else if (c.model_type == "opensci_moe") {
+    c.lineage = Lineage::OpenSciMoe;
   } else {
     fail("{}: model_type '{}' is not an OpenSci model (expected opensci, qwen3, qwen3_moe or opensci_moe)", source,
          c.model_type);
@@ -103,7 +106,10 @@ ModelConfig parse_config(const json& j, const std::string& source) {
   c.hidden_size = required_int(j, "hidden_size", source);
   c.num_layers = required_int(j, "num_hidden_layers", source);
   c.num_heads = required_int(j, "num_attention_heads", source);
-  c.num_kv_heads = optional_int(j, "num_key_value_heads", c.num_heads, source);
+  const bool moe = c.lineage == Lineage::Qwen3Moe || c.lineage == Lineage::OpenSciMoe;
+  // Qwen3MoeConfig defaults an absent key to 4 (an explicit null means "same as heads").
+  const int64_t kv_default = c.lineage == Lineage::Qwen3Moe && !j.contains("num_key_value_heads") ? 4 : c.num_heads;
+  c.num_kv_heads = optional_int(j, "num_key_value_heads", kv_default, source);
   if (c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0)
     fail("{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", source, c.num_heads, c.num_kv_heads);
   if (j.contains("head_dim") && !j["head_dim"].is_null()) {
@@ -121,15 +127,23 @@ ModelConfig parse_config(const json& j, const std::string& source) {
   c.rope_theta = parse_rope_theta(j, source);
   c.attention_bias = optional_bool(j, "attention_bias", false, source);
   const bool opensci = c.model_type == "opensci" || c.model_type == "opensci_moe";
-  c.mlp_bias = optional_bool(j, "mlp_bias", opensci, source);
+  // Native Qwen3 / Qwen3-MoE MLPs are bias-free whatever the config says (bias=False in transformers).
+  c.mlp_bias = opensci ? optional_bool(j, "mlp_bias", true, source) : false;
   c.qk_norm = c.lineage == Lineage::OpenSciRef ? optional_bool(j, "qk_layernorm", false, source) : true;
-  c.tie_word_embeddings = optional_bool(j, "tie_word_embeddings", true, source);
+  c.tie_word_embeddings = optional_bool(j, "tie_word_embeddings", opensci, source);
   c.initializer_range = optional_number(j, "initializer_range", 0.02, source);
 
-  if (c.lineage == Lineage::Qwen3Moe) {
+  if (moe) {
+    if (optional_bool(j, "use_sliding_window", false, source))
+      fail("{}: use_sliding_window is true; the reference implements full causal attention only", source);
     // transformers 5.x writes num_local_experts, 4.x num_experts (hazard H13): accept both.
-    c.num_experts = optional_int(j, "num_experts", optional_int(j, "num_local_experts", 0, source), source);
-    if (c.num_experts == 0) fail("{}: MoE config is missing required key 'num_experts'", source);
+    const int64_t n4 = optional_int(j, "num_experts", 0, source), n5 = optional_int(j, "num_local_experts", 0, source);
+    if (n4 != 0 && n5 != 0 && n4 != n5)
+      fail("{}: num_experts {} disagrees with num_local_experts {} (the 4.x and 5.x spellings of one key)", source, n4,
+           n5);
+    c.num_experts = n4 != 0 ? n4 : n5;
+    if (c.num_experts == 0)
+      fail("{}: MoE config is missing required key 'num_experts' (or its 5.x spelling 'num_local_experts')", source);
     c.num_experts_per_tok = required_int(j, "num_experts_per_tok", source);
     if (c.num_experts_per_tok > c.num_experts)
       fail("{}: num_experts_per_tok {} exceeds num_experts {}", source, c.num_experts_per_tok, c.num_experts);

@@ -78,46 +78,56 @@ struct Forward {
   // SwiGLU MLP: down(silu(gate(h)) * up(h)), biases when mlp_bias.    h, out: [rows, H]
   void dense_mlp(Real* out, const Real* h, int64_t rows, const std::string& pre, int64_t I, bool bias) {
     const int64_t H = c.hidden_size;
-    std::vector<Real> gate(static_cast<size_t>(rows * I)), up(static_cast<size_t>(rows * I));
-    linear(gate.data(), h, load<Real>(ck, pre + "gate_proj.weight", {I, H}),
-           load_optional<Real>(ck, bias, pre + "gate_proj.bias", {I}), rows, H, I);
-    linear(up.data(), h, load<Real>(ck, pre + "up_proj.weight", {I, H}),
-           load_optional<Real>(ck, bias, pre + "up_proj.bias", {I}), rows, H, I);
-    ops::swiglu(gate.data(), up.data(), rows * I);
-    linear(out, gate.data(), load<Real>(ck, pre + "down_proj.weight", {H, I}),
-           load_optional<Real>(ck, bias, pre + "down_proj.bias", {H}), rows, I, H);
+    swiglu_mlp(out, h, rows, I, load<Real>(ck, pre + "gate_proj.weight", {I, H}),
+               load<Real>(ck, pre + "up_proj.weight", {I, H}), load<Real>(ck, pre + "down_proj.weight", {H, I}),
+               load_optional<Real>(ck, bias, pre + "gate_proj.bias", {I}),
+               load_optional<Real>(ck, bias, pre + "up_proj.bias", {I}),
+               load_optional<Real>(ck, bias, pre + "down_proj.bias", {H}));
   }
 
-  // Qwen3-MoE block: router softmax in fp32 (double on the golden path), top-k, optional
-  // renormalisation, each token's output = sum_k weight_k * expert_k(h).      h, out: [T, H]
-  void moe_mlp(Real* out, const Real* h, const std::string& pre) {
-    const int64_t H = c.hidden_size, E = c.num_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size;
+  // gate, up: [I, H]; down: [H, I]; biases optional.                  h, out: [rows, H]
+  void swiglu_mlp(Real* out, const Real* h, int64_t rows, int64_t I, const Param<Real>& gate_w,
+                  const Param<Real>& up_w, const Param<Real>& down_w, const Param<Real>& gate_b = {},
+                  const Param<Real>& up_b = {}, const Param<Real>& down_b = {}) {
+    const int64_t H = c.hidden_size;
+    std::vector<Real> gate(static_cast<size_t>(rows * I)), up(static_cast<size_t>(rows * I));
+    linear(gate.data(), h, gate_w, gate_b, rows, H, I);
+    linear(up.data(), h, up_w, up_b, rows, H, I);
+    ops::swiglu(gate.data(), up.data(), rows * I);
+    linear(out, gate.data(), down_w, down_b, rows, I, H);
+  }
+
+  // Routing of every token (ops::topk_routing): router logits in the model dtype, softmax in
+  // fp32 (double on the golden path), top-k, renormalised when norm_topk_prob.
+  //   router_logits: [T, E]  ->  routing[t] = k pairs (expert, weight), best first
+  std::vector<std::vector<std::pair<int64_t, Real>>> route(const std::vector<Real>& router_logits) const {
+    std::vector<std::vector<std::pair<int64_t, Real>>> routing(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t)
+      routing[static_cast<size_t>(t)] = ops::topk_routing(router_logits.data() + t * c.num_experts, c.num_experts,
+                                                          c.num_experts_per_tok, c.norm_topk_prob);
+    return routing;
+  }
+
+  // Qwen3-MoE block: route, run each expert's SwiGLU (no biases) on the tokens routed to it, and
+  // add weight * expert output, experts in increasing index like transformers' loop.
+  // Experts come per expert or from the fused v5 tensors (gate_up_proj [E, 2I, H]: gate rows
+  // then up rows per expert; down_proj [E, H, I]).                        h, out: [T, H]
+  void moe_mlp(Real* out, const Real* h, const std::string& pre, ExpertLayout layout) {
+    const int64_t H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
     std::vector<Real> router(static_cast<size_t>(T * E));
     linear(router.data(), h, load<Real>(ck, pre + "gate.weight", {E, H}), Param<Real>{}, T, H, E);
-    // routing[t] = list of (expert, weight)
-    std::vector<std::vector<std::pair<int64_t, Real>>> routing(static_cast<size_t>(T));
-    for (int64_t t = 0; t < T; ++t) {
-      const Real* r = router.data() + t * E;
-      const Real mx = *std::max_element(r, r + E);
-      std::vector<Real> prob(static_cast<size_t>(E));
-      Real sum = 0;
-      for (int64_t e = 0; e < E; ++e) sum += prob[e] = std::exp(r[e] - mx);
-      for (auto& p : prob) p /= sum;
-      std::vector<int64_t> order(static_cast<size_t>(E));
-      std::iota(order.begin(), order.end(), 0);
-      // torch.topk order: larger first; ties go to the lower index.
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return prob[a] > prob[b]; });
-      Real top_sum = 0;
-      for (int64_t k = 0; k < K; ++k) top_sum += prob[order[k]];
-      for (int64_t k = 0; k < K; ++k)
-        routing[t].emplace_back(order[k], c.norm_topk_prob ? prob[order[k]] / top_sum : prob[order[k]]);
+    const auto routing = route(router);
+    Param<Real> gate_up, down;  // whole fused tensors, kept alive while their slices are in use
+    if (layout == ExpertLayout::Fused) {
+      gate_up = load<Real>(ck, pre + "experts.gate_up_proj", {E, 2 * I, H});
+      down = load<Real>(ck, pre + "experts.down_proj", {E, H, I});
     }
     std::fill(out, out + T * H, Real(0));
     for (int64_t e = 0; e < E; ++e) {
       std::vector<int64_t> rows;
       std::vector<Real> weights;
       for (int64_t t = 0; t < T; ++t)
-        for (const auto& [expert, w] : routing[t])
+        for (const auto& [expert, w] : routing[static_cast<size_t>(t)])
           if (expert == e) {
             rows.push_back(t);
             weights.push_back(w);
@@ -125,10 +135,19 @@ struct Forward {
       if (rows.empty()) continue;
       const auto n = static_cast<int64_t>(rows.size());
       std::vector<Real> xin(static_cast<size_t>(n * H)), y(static_cast<size_t>(n * H));
-      for (int64_t i = 0; i < n; ++i) std::copy_n(h + rows[i] * H, H, xin.data() + i * H);
-      dense_mlp(y.data(), xin.data(), n, fmt::format("{}experts.{}.", pre, e), I, false);
+      for (int64_t i = 0; i < n; ++i) std::copy_n(h + rows[static_cast<size_t>(i)] * H, H, xin.data() + i * H);
+      if (layout == ExpertLayout::Fused) {
+        const Real* gu = gate_up.data() + e * 2 * I * H;
+        swiglu_mlp(y.data(), xin.data(), n, I, Param<Real>{{}, gu}, Param<Real>{{}, gu + I * H},
+                   Param<Real>{{}, down.data() + e * H * I});
+      } else {
+        const auto ex = fmt::format("{}experts.{}.", pre, e);
+        swiglu_mlp(y.data(), xin.data(), n, I, load<Real>(ck, ex + "gate_proj.weight", {I, H}),
+                   load<Real>(ck, ex + "up_proj.weight", {I, H}), load<Real>(ck, ex + "down_proj.weight", {H, I}));
+      }
       for (int64_t i = 0; i < n; ++i)
-        for (int64_t d = 0; d < H; ++d) out[rows[i] * H + d] += weights[i] * y[i * H + d];
+        for (int64_t d = 0; d < H; ++d)
+          out[rows[static_cast<size_t>(i)] * H + d] += weights[static_cast<size_t>(i)] * y[i * H + d];
     }
   }
 
@@ -136,6 +155,7 @@ struct Forward {
     const int64_t H = c.hidden_size, D = c.head_dim, NH = c.num_heads, NKV = c.num_kv_heads;
     const int64_t V = c.vocab_size;
     const auto inv_freq = ops::rope_inv_freq(D, c.rope_theta);
+    const auto layouts = detect_expert_layouts(ck);
 
     // Embedding gather                                                    x: [T, H]
     std::vector<Real> x(static_cast<size_t>(T * H));
@@ -179,7 +199,7 @@ struct Forward {
       ops::rms_norm(h.data(), x.data(), load<Real>(ck, pre + "post_attention_layernorm.weight", {H}).data(), T, H,
                     c.rms_norm_eps);
       if (c.is_sparse_layer(l))
-        moe_mlp(block.data(), h.data(), pre + "mlp.");
+        moe_mlp(block.data(), h.data(), pre + "mlp.", layouts[static_cast<size_t>(l)]);
       else
         dense_mlp(block.data(), h.data(), T, pre + "mlp.", c.intermediate_size, c.mlp_bias);
       record(fmt::format("mlp.{}", l), block);

@@ -40,12 +40,30 @@ class Checkpoint {
   std::map<std::string, size_t> where_;  // tensor name -> shard index
 };
 
-// Every parameter name and shape the config implies, in HF naming (dense and MoE, the
-// per-expert layout). lm_head.weight only when the embeddings are untied.
-std::map<std::string, std::vector<int64_t>> expected_parameters(const ModelConfig& config);
+// How the experts of one sparse layer are stored (HF names, E experts, I = moe_intermediate_size):
+//   PerExpert  mlp.experts.{j}.{gate,up}_proj.weight [I, H], mlp.experts.{j}.down_proj.weight [H, I]
+//              (transformers <= 4.57 and what published checkpoints hold);
+//   Fused      mlp.experts.gate_up_proj [E, 2I, H] (per expert: gate rows, then up rows) and
+//              mlp.experts.down_proj [E, H, I] (transformers 5.x modules, hazard H9).
+enum class ExpertLayout { PerExpert, Fused };
+std::string_view expert_layout_name(ExpertLayout layout);  // "per-expert" / "fused"
+
+// Every parameter name and shape the config implies, in HF naming. Sparse layers use `layout`
+// (or layouts[layer] in the second form, one entry per layer). lm_head.weight only when the
+// embeddings are untied.
+std::map<std::string, std::vector<int64_t>> expected_parameters(const ModelConfig& config,
+                                                                ExpertLayout layout = ExpertLayout::PerExpert);
+std::map<std::string, std::vector<int64_t>> expected_parameters(const ModelConfig& config,
+                                                                const std::vector<ExpertLayout>& layouts);
+
+// The expert layout of each layer of a checkpoint (PerExpert for dense layers). Either layout is
+// accepted per layer; a layer holding tensors of both is an error naming the layer and one
+// tensor of each kind.
+std::vector<ExpertLayout> detect_expert_layouts(const Checkpoint& checkpoint);
 
 // Checks names and shapes of a checkpoint against its config: a missing tensor, a shape that
 // does not match, or a tensor the lineage does not have is an error naming file and tensor.
+// MoE layers may be stored per expert or fused (see ExpertLayout), independently per layer.
 void validate_checkpoint(const Checkpoint& checkpoint);
 
 }  // namespace opensci

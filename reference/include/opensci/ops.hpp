@@ -3,8 +3,10 @@
 // These CPU functions are also the oracle the CUDA/HIP kernels are tested against.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace opensci::ops {
@@ -125,6 +127,32 @@ void swiglu(Real* gate, const Real* up, int64_t n) {
     const Real g = gate[i];
     gate[i] = g / (Real(1) + std::exp(-g)) * up[i];
   }
+}
+
+// Qwen3-MoE top-k routing of one token (transformers Qwen3MoeTopKRouter), in Real:
+//   prob = softmax(router_logits[0..E)); keep the k largest (larger first, ties to the lower
+//   expert index: torch.topk's order on CPU); weight = prob, or prob / sum(kept probs) when
+//   renormalise (norm_topk_prob).          out: k pairs (expert, weight), best first
+template <typename Real>
+std::vector<std::pair<int64_t, Real>> topk_routing(const Real* router_logits, int64_t experts, int64_t k,
+                                                   bool renormalise) {
+  std::vector<Real> prob(static_cast<size_t>(experts));
+  const Real mx = *std::max_element(router_logits, router_logits + experts);
+  Real sum = 0;
+  for (int64_t e = 0; e < experts; ++e) sum += prob[static_cast<size_t>(e)] = std::exp(router_logits[e] - mx);
+  for (auto& p : prob) p /= sum;
+  std::vector<int64_t> order(static_cast<size_t>(experts));
+  for (int64_t e = 0; e < experts; ++e) order[static_cast<size_t>(e)] = e;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return prob[static_cast<size_t>(a)] > prob[static_cast<size_t>(b)]; });
+  Real kept = 0;
+  for (int64_t i = 0; i < k; ++i) kept += prob[static_cast<size_t>(order[static_cast<size_t>(i)])];
+  std::vector<std::pair<int64_t, Real>> out;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t e = order[static_cast<size_t>(i)];
+    out.emplace_back(e, renormalise ? prob[static_cast<size_t>(e)] / kept : prob[static_cast<size_t>(e)]);
+  }
+  return out;
 }
 
 // x[i] += y[i]                                                          residual adds
