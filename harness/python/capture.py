@@ -11,7 +11,8 @@ torch and transformers only. Writes into --out-dir:
   state_dict.safetensors  (--dump-state-dict) model.state_dict() after loading, as F32 under
                       the HF names, plus the non-persistent buffers (e.g. rotary inv_freq), so
                       loaded weights and recreated buffers can be checked against the checkpoint
-  provenance.json     versions, dtypes, device, attention implementation, shims, timings, ...
+  provenance.json     versions, dtypes, device, attention implementation, shims (per stage, with
+                      what each did), RoPE inv_freq buffers as loaded vs the config, timings, ...
   error.json          only on failure: {stage, type, message, traceback}; exit status 3
 Non-finite logits are written as they are (the C++ side judges them) and counted in provenance.
 """
@@ -46,7 +47,9 @@ def parse_args(argv):
     p.add_argument("--dump-state-dict", action="store_true", help="also write the loaded state dict")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--shim", action="extend", nargs="+", default=[], metavar="NAME",
-                   help=f"runtime shims to apply before loading: {', '.join(sorted(shims.SHIMS))}")
+                   help="runtime shims; each runs in its own stage (pre-load: before loading, post-load: on the "
+                        "loaded model before the forward): "
+                        + ", ".join(f"{n} ({s.stage}, {s.hazard})" for n, s in sorted(shims.SHIMS.items())))
     return p.parse_args(argv)
 
 
@@ -185,7 +188,8 @@ def run(args, prov, progress):
     if args.threads:
         torch.set_num_threads(args.threads)
     prov["torch_threads"] = torch.get_num_threads()
-    prov["shims"] = shims.apply_shims(args.shim)
+    shims.check_names(args.shim)
+    prov["shims"] = shims.apply_shims(args.shim, "pre-load")
 
     progress["stage"] = "config"
     config_json = hf_load.read_config_json(args.model)
@@ -202,7 +206,13 @@ def run(args, prov, progress):
     prov["from_pretrained_kwargs"] = load_kwargs
     if args.device == "cuda":
         prov["cuda_device"] = torch.cuda.get_device_name()
+    prov["shim_effects"] = shims.effects()
     describe_model(model, prov)
+    # The RoPE buffers as transformers left them (before any post-load shim): H3 evidence.
+    prov["inv_freq_as_loaded"] = describe_inv_freq(model)
+
+    progress["stage"] = "post-load"
+    prov["shims"] += shims.apply_shims(args.shim, "post-load", model)
 
     progress["stage"] = "forward"
     tokens = read_tokens(args.tokens_file)
@@ -256,6 +266,27 @@ def describe_model(model, prov):
     prov["non_persistent_buffers"] = [n for n in prov["buffers"] if n not in persistent]
     prov["meta_tensors"] = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                             if t.device == torch.device("meta")]
+
+
+def describe_inv_freq(model):
+    """Every inv_freq buffer: its first values and its max relative error against 1/theta^(2i/d)
+    from the config (plain RoPE). Finite, non-zero garbage shows up here as a large error."""
+    import math
+
+    import torch
+
+    out = []
+    for name, module, buf in shims.inv_freq_buffers(model):
+        config = getattr(module, "config", None) or model.config
+        try:
+            err = shims.max_rel_error(buf, shims.config_inv_freq(config))
+        except Exception as e:  # a config without the keys plain RoPE needs
+            err = f"not computed: {type(e).__name__}: {e}"
+        head = [float(v) for v in buf.detach().flatten()[:4].to("cpu", dtype=torch.float64)]
+        out.append({"name": name, "shape": list(buf.shape), "dtype": str(buf.dtype).replace("torch.", ""),
+                    "first_values": [v if math.isfinite(v) else str(v) for v in head],
+                    "max_rel_error_vs_config": err if not isinstance(err, float) or math.isfinite(err) else "inf"})
+    return out
 
 
 def loaded_tensors(model):
