@@ -199,11 +199,14 @@ double mib(uint64_t b) { return static_cast<double>(b) / (1 << 20); }
 
 int main(int argc, char** argv) {
   CLI::App app{"Throughput and peak RSS of `opensci-compat convert` on a synthetic sharded MoE checkpoint"};
-  std::string dir = "/tmp", cli = OPENSCI_CLI;
+  std::string dir = "/tmp", out_dir, cli = OPENSCI_CLI;
   double size_gb = 2.2;
   uint64_t shard_mb = 512;
   bool keep = false;
-  app.add_option("--dir", dir, "where the synthetic checkpoint is written (needs ~4x --size-gb free)");
+  app.add_option("--dir", dir, "where the synthetic checkpoint is written (needs ~2x --size-gb free)");
+  app.add_option("--out-dir", out_dir,
+                 "where copies and conversions write (default --dir; a tmpfs such as /dev/shm takes the disk out "
+                 "of the figures)");
   app.add_option("--size-gb", size_gb, "approximate checkpoint size in GB (>= 2 for the issue's figure)");
   app.add_option("--shard-mb", shard_mb, "input shard size in MiB");
   app.add_option("--cli", cli, "opensci-compat executable");
@@ -223,10 +226,19 @@ int main(int argc, char** argv) {
     return 2;
   }
   const fs::path work = root_s;
+  fs::path out = work;
+  if (!out_dir.empty()) {
+    std::string o = (fs::path(out_dir) / tmpl).string();
+    if (!::mkdtemp(o.data())) {
+      fmt::print(stderr, "cannot create a directory under {}: {}\n", out_dir, std::strerror(errno));
+      return 2;
+    }
+    out = o;
+  }
   int rc = 0;
   try {
-    fmt::print("synthetic qwen3_moe BF16: {} layers x {} experts (H {}, I {}), shards ~{} MiB -> {}\n", m.layers,
-               m.experts, m.hidden, m.moe_i, shard_mb, work.string());
+    fmt::print("synthetic qwen3_moe BF16: {} layers x {} experts (H {}, I {}), shards ~{} MiB -> {} (outputs in {})\n",
+               m.layers, m.experts, m.hidden, m.moe_i, shard_mb, work.string(), out.string());
     const auto t0 = Clock::now();
     const uint64_t largest_shard = write_checkpoint(work / "per_expert", m, shard_mb << 20);
     const uint64_t bytes = dir_bytes(work / "per_expert");
@@ -234,15 +246,24 @@ int main(int argc, char** argv) {
                static_cast<double>(bytes) / 1e9, std::chrono::duration<double>(Clock::now() - t0).count(),
                mib(largest_shard), mib(m.layer_expert_bytes()));
 
-    const double copy1 = plain_copy(work / "per_expert", work / "copy1");
-    fs::remove_all(work / "copy1");
+    // Every timed phase starts with no dirty pages (sync, untimed): otherwise the kernel's
+    // writeback of the previous phase's output throttles the next one and the figures measure
+    // the disk, not the converter. Inputs stay in the page cache (they were just written).
+    auto settle = [] { ::sync(); };
+    settle();
+    const double copy1 = plain_copy(work / "per_expert", out / "copy1");
+    fs::remove_all(out / "copy1");
+    settle();
     const double mem = memcpy_seconds(bytes);
     const auto to_fused = run_child({cli, "convert", "--in", (work / "per_expert").string(), "--out",
-                                     (work / "fused").string(), "--to", "hf-fused"});
-    const auto to_pe = run_child({cli, "convert", "--in", (work / "fused").string(), "--out",
-                                  (work / "per_expert2").string(), "--to", "hf-per-expert"});
-    const double copy2 = plain_copy(work / "per_expert", work / "copy2");
-    fs::remove_all(work / "copy2");
+                                     (out / "fused").string(), "--to", "hf-fused"});
+    settle();
+    const auto to_pe = run_child({cli, "convert", "--in", (out / "fused").string(), "--out",
+                                  (out / "per_expert2").string(), "--to", "hf-per-expert"});
+    fs::remove_all(out / "per_expert2");
+    settle();
+    const double copy2 = plain_copy(work / "per_expert", out / "copy2");
+    fs::remove_all(out / "copy2");
     if (to_fused.status != 0 || to_pe.status != 0) {
       fmt::print(stderr, "conversion failed (exit {} / {})\n", to_fused.status, to_pe.status);
       rc = 1;
@@ -256,7 +277,7 @@ int main(int argc, char** argv) {
     };
     // The bound of each run is its own input's largest shard plus one layer's experts.
     const uint64_t bound = largest_shard + m.layer_expert_bytes();
-    const uint64_t bound_back = largest_file(work / "fused") + m.layer_expert_bytes();
+    const uint64_t bound_back = largest_file(out / "fused") + m.layer_expert_bytes();
     fmt::print("\n  {:<34} {:>9} {:>10}\n", "", "seconds", "GB/s");
     fmt::print("  {:<34} {:>9.2f} {:>10.2f}\n", "memcpy (same bytes, in memory)", mem, gbps(bytes, mem));
     fmt::print("  {:<34} {:>9.2f} {:>10.2f}   (best of 2: {:.2f} / {:.2f} s)\n", "plain copy (mmap + write)", copy,
@@ -282,10 +303,11 @@ int main(int argc, char** argv) {
     rc = 2;
   }
   if (keep) {
-    fmt::print("kept {}\n", work.string());
+    fmt::print("kept {} and {}\n", work.string(), out.string());
   } else {
     std::error_code ec;
     fs::remove_all(work, ec);
+    fs::remove_all(out, ec);
   }
   return rc;
 }

@@ -642,8 +642,12 @@ class Executor {
       if (in_.files[f].step == s) open_[static_cast<int>(f)] = std::make_unique<SafetensorsFile>(in_.files[f].path);
   }
 
-  // Keeps the input tensors of this step that a later step still reads, drops the rest.
+  // Keeps the input tensors of this step that a later step still reads, drops the rest. Copies
+  // kept from earlier steps that this step consumed go first, so they never coexist with the
+  // new ones (peak: this step's mapped shard + what the next step needs).
   void close_step() {
+    for (auto it = pending_.begin(); it != pending_.end();)
+      it = last_use_[static_cast<size_t>(it->first)] <= step_ ? pending_.erase(it) : std::next(it);
     for (const auto& [f, file] : open_)
       for (const auto& info : file->tensors()) {
         const int id = in_.by_name[static_cast<size_t>(in_.files[static_cast<size_t>(f)].part)].at(info.name);
@@ -653,8 +657,6 @@ class Executor {
         }
       }
     open_.clear();
-    for (auto it = pending_.begin(); it != pending_.end();)
-      it = last_use_[static_cast<size_t>(it->first)] <= step_ ? pending_.erase(it) : std::next(it);
     cache_id_ = -1;
     cache_.clear();
     cache_.shrink_to_fit();
