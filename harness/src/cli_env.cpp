@@ -34,7 +34,8 @@ void add_common(CLI::App* cmd, EnvArgs& a) {
 
 std::unique_ptr<harness::EnvironmentProvider> provider_from(const EnvArgs& a) {
   const auto spec = a.spec.empty() ? harness::default_environment_spec() : harness::load_spec(a.spec);
-  return harness::make_provider(spec, harness::ProviderOptions{a.cache_dir.empty() ? fs::path() : fs::path(a.cache_dir)});
+  return harness::make_provider(spec,
+                                harness::ProviderOptions{a.cache_dir.empty() ? fs::path() : fs::path(a.cache_dir)});
 }
 
 fs::path cache_root_of(const EnvArgs& a) {
@@ -63,7 +64,8 @@ void add_env_command(CLI::App& app) {
 
   {
     auto a = std::make_shared<EnvArgs>();
-    auto* cmd = env->add_subcommand("provision", "Build (or reuse) an environment; exit 0 ready, 77 unavailable, 1 failed");
+    auto* cmd =
+        env->add_subcommand("provision", "Build (or reuse) an environment; exit 0 ready, 77 unavailable, 1 failed");
     add_common(cmd, *a);
     cmd->add_flag("--quiet", a->quiet, "no progress lines");
     cmd->callback([a] {
@@ -97,7 +99,9 @@ void add_env_command(CLI::App& app) {
       if (const auto* cached = dynamic_cast<const harness::CachedProvider*>(provider.get()))
         fmt::print("cache entry: {}\n", cached->cache_dir().string());
       fmt::print("state: {}\nreason: {}\n",
-                 !availability ? "unavailable" : availability.ready ? "ready" : "available (not provisioned yet)",
+                 !availability        ? "unavailable"
+                 : availability.ready ? "ready"
+                                      : "available (not provisioned yet)",
                  availability.reason);
       if (const auto* cached = dynamic_cast<const harness::CachedProvider*>(provider.get())) {
         if (const auto manifest = harness::read_ready_manifest(cached->cache_dir()))

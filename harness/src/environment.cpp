@@ -89,9 +89,10 @@ class FileLock {
         std::string holder;
         std::ifstream in(path);
         std::getline(in, holder);
-        progress.note(fmt::format("waiting for {} (lock {} held by {} or the build processes it started; waited {:.0f} s)",
-                                  what, path.string(), holder.empty() ? "another process" : "pid " + holder,
-                                  std::chrono::duration<double>(Clock::now() - t0).count()));
+        progress.note(
+            fmt::format("waiting for {} (lock {} held by {} or the build processes it started; waited {:.0f} s)", what,
+                        path.string(), holder.empty() ? "another process" : "pid " + holder,
+                        std::chrono::duration<double>(Clock::now() - t0).count()));
         next_note = Clock::now() + std::chrono::seconds(30);
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -183,12 +184,10 @@ print("OPENSCI_DISCOVERY " + json.dumps(out))
 
 }  // namespace
 
-namespace detail {
 namespace {
 thread_local int t_build_lock_fd = -1;
 }
 int current_build_lock_fd() { return t_build_lock_fd; }
-}  // namespace detail
 
 // ---------------------------------------------------------------- Progress
 
@@ -265,13 +264,14 @@ ProcessSpec Environment::command(std::vector<std::string> argv, const std::vecto
   if (argv.empty()) fail("Environment::command ({}): empty argv", id);
   for (const char* key : {"HOME", "TMPDIR", "HF_HOME"}) {
     if (!extra_env.count(key))
-      fail("Environment::command ({}): extra_env must set {} to a private per-run directory (see private_run_env()); "
-           "found keys: {}",
-           id, key, [&] {
-             std::vector<std::string> keys;
-             for (const auto& kv : extra_env) keys.push_back(kv.first);
-             return keys.empty() ? std::string("none") : fmt::format("{}", fmt::join(keys, ", "));
-           }());
+      fail(
+          "Environment::command ({}): extra_env must set {} to a private per-run directory (see private_run_env()); "
+          "found keys: {}",
+          id, key, [&] {
+            std::vector<std::string> keys;
+            for (const auto& kv : extra_env) keys.push_back(kv.first);
+            return keys.empty() ? std::string("none") : fmt::format("{}", fmt::join(keys, ", "));
+          }());
   }
   std::map<std::string, std::string> env{{"LANG", "C.UTF-8"},
                                          {"PATH", path_var.empty() ? "/usr/local/bin:/usr/bin:/bin" : path_var},
@@ -285,8 +285,10 @@ ProcessSpec Environment::command(std::vector<std::string> argv, const std::vecto
     env["PYTHONPATH"] = fmt::format("{}", fmt::join(parts, ":"));
   }
   for (const auto& [key, value] : extra_env) {
-    if (key == "PYTHONPATH" && env.count(key)) env[key] += ":" + value;
-    else env[key] = value;
+    if (key == "PYTHONPATH" && env.count(key))
+      env[key] += ":" + value;
+    else
+      env[key] = value;
   }
 
   std::vector<fs::path> dirs = host_dirs;
@@ -324,7 +326,8 @@ void discover_versions(Environment& env, std::chrono::milliseconds timeout) {
   char templ[] = "opensci-discover-XXXXXX";
   const fs::path base = fs::temp_directory_path();
   std::string path_templ = (base / templ).string();
-  if (!::mkdtemp(path_templ.data())) fail("discover_versions: mkdtemp under {} failed: {}", base.string(), errno_text(errno));
+  if (!::mkdtemp(path_templ.data()))
+    fail("discover_versions: mkdtemp under {} failed: {}", base.string(), errno_text(errno));
   const fs::path scratch(path_templ);
   struct Cleanup {
     fs::path p;
@@ -343,9 +346,10 @@ void discover_versions(Environment& env, std::chrono::milliseconds timeout) {
   while (std::getline(in, line))
     if (line.rfind("OPENSCI_DISCOVERY ", 0) == 0) payload = line.substr(18);
   if (!result.ok() || payload.empty())
-    fail("discovering versions of {} ({}): python {} {}; expected a line 'OPENSCI_DISCOVERY {{...}}' on stdout; "
-         "stderr tail:\n{}",
-         env.id, env.provider, env.python_exe.string(), result.describe(), result.stderr_tail);
+    fail(
+        "discovering versions of {} ({}): python {} {}; expected a line 'OPENSCI_DISCOVERY {{...}}' on stdout; "
+        "stderr tail:\n{}",
+        env.id, env.provider, env.python_exe.string(), result.describe(), result.stderr_tail);
   const auto j = nlohmann::json::parse(payload);
   env.python_version = j.value("python", "");
   env.import_errors.clear();
@@ -353,8 +357,10 @@ void discover_versions(Environment& env, std::chrono::milliseconds timeout) {
     const auto& m = j.at("modules").at(name);
     std::string version = m.value("version", "");
     if (m.contains("error")) env.import_errors[name] = m.at("error").get<std::string>();
-    if (std::string(name) == "torch") env.torch_version = version;
-    else env.transformers_version = version;
+    if (std::string(name) == "torch")
+      env.torch_version = version;
+    else
+      env.transformers_version = version;
   }
 }
 
@@ -426,7 +432,8 @@ std::vector<fs::path> mounts_under(const fs::path& dir) {
     std::string id, parent, devno, root, mount_point;
     if (!(fields >> id >> parent >> devno >> root >> mount_point)) continue;
     const std::string mp = unescape_mountinfo(mount_point);
-    if (mp == prefix || (mp.size() > prefix.size() && mp.compare(0, prefix.size(), prefix) == 0 && mp[prefix.size()] == '/'))
+    if (mp == prefix ||
+        (mp.size() > prefix.size() && mp.compare(0, prefix.size(), prefix) == 0 && mp[prefix.size()] == '/'))
       found.emplace_back(mp);
   }
   return found;
@@ -455,8 +462,8 @@ CacheEntry ensure_cache_entry(const fs::path& envs_dir, const std::string& name,
   const auto t0 = Clock::now();
   nlohmann::json fields;
   struct LockForSteps {
-    explicit LockForSteps(int fd) : saved(detail::t_build_lock_fd) { detail::t_build_lock_fd = fd; }
-    ~LockForSteps() { detail::t_build_lock_fd = saved; }
+    explicit LockForSteps(int fd) : saved(t_build_lock_fd) { t_build_lock_fd = fd; }
+    ~LockForSteps() { t_build_lock_fd = saved; }
     int saved;
   };
   try {
@@ -468,16 +475,18 @@ CacheEntry ensure_cache_entry(const fs::path& envs_dir, const std::string& name,
     fs::remove_all(failed_logs, ignore);
     fs::rename(partial / "logs", failed_logs, ignore);
     if (mounts_under(partial).empty()) fs::remove_all(partial, ignore);
-    throw Error(fmt::format("provisioning {} failed: {} (build logs kept in {})", name, e.what(), failed_logs.string()));
+    throw Error(
+        fmt::format("provisioning {} failed: {} (build logs kept in {})", name, e.what(), failed_logs.string()));
   }
-  nlohmann::json manifest = {{"schema", 1},
-                             {"name", name},
-                             {"provider", request.value("provider", "")},
-                             {"request", request},
-                             {"request_hash", request_hash(request)},
-                             {"built_at", utc_now()},
-                             {"build_seconds", std::round(std::chrono::duration<double>(Clock::now() - t0).count() * 10) / 10},
-                             {"stages", progress.stages()}};
+  nlohmann::json manifest = {
+      {"schema", 1},
+      {"name", name},
+      {"provider", request.value("provider", "")},
+      {"request", request},
+      {"request_hash", request_hash(request)},
+      {"built_at", utc_now()},
+      {"build_seconds", std::round(std::chrono::duration<double>(Clock::now() - t0).count() * 10) / 10},
+      {"stages", progress.stages()}};
   if (fields.is_object()) manifest.update(fields);
   write_file_atomic(partial / "READY", manifest.dump(2) + "\n");
   fs::rename(partial, final_dir, ec);
@@ -523,11 +532,23 @@ std::vector<CachedEnvironmentInfo> list_cached_environments(const fs::path& cach
       info.state = info.manifest ? "ready" : "incomplete";
       if (info.manifest) {
         const auto& m = *info.manifest;
-        const auto v = m.value("versions", nlohmann::json::object());
-        info.detail = fmt::format("{}: python {}, torch {}, transformers {}; built {} in {} s", m.value("provider", "?"),
-                                  v.value("python", "?"), v.value("torch", "") == "" ? "absent" : v.value("torch", ""),
-                                  v.value("transformers", "") == "" ? "absent" : v.value("transformers", ""),
-                                  m.value("built_at", "?"), m.value("build_seconds", 0.0));
+        const auto built = fmt::format("built {} in {} s", m.value("built_at", "?"), m.value("build_seconds", 0.0));
+        if (m.contains("versions")) {
+          const auto& v = m.at("versions");
+          auto show = [&](const char* key) {
+            const auto s = v.value(key, std::string());
+            return s.empty() ? std::string("absent") : s;
+          };
+          info.detail = fmt::format("{}: python {}, torch {}, transformers {}; {}", m.value("provider", "?"),
+                                    v.value("python", "?"), show("torch"), show("transformers"), built);
+        } else {
+          // overlays: the versions come from a live source tree and are discovered at each use
+          const auto& req = m.at("request");
+          const std::string src = req.value("transformers_src", "");
+          info.detail = fmt::format(
+              "{} on {}: {}; versions discovered at each use; {}", m.value("provider", "?"), m.value("base", "?"),
+              src.empty() ? "wheels " + req.value("transformers_wheels", "") : "transformers source " + src, built);
+        }
       } else {
         info.detail = "no READY manifest; removed by the next provisioning";
       }
@@ -573,14 +594,16 @@ std::string expand_vars(const std::string& text, std::vector<std::string>& missi
     const size_t dash = inner.find(":-");
     const std::string name = inner.substr(0, dash);
     const bool valid = !name.empty() && !std::isdigit(static_cast<unsigned char>(name[0])) &&
-                       std::all_of(name.begin(), name.end(), [](char c) {
-                         return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
-                       });
+                       std::all_of(name.begin(), name.end(),
+                                   [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
     if (!valid) fail("malformed variable '${{{}}}' in \"{}\" (expected ${{NAME}} or ${{NAME:-default}})", inner, text);
     const char* value = std::getenv(name.c_str());
-    if (value && *value) out += value;
-    else if (dash != std::string::npos) out += inner.substr(dash + 2);
-    else missing.push_back(name);
+    if (value && *value)
+      out += value;
+    else if (dash != std::string::npos)
+      out += inner.substr(dash + 2);
+    else
+      missing.push_back(name);
     i = close + 1;
   }
   return out;
@@ -669,7 +692,8 @@ nlohmann::json load_spec(const std::string& json_or_file) {
   }
   try {
     auto j = nlohmann::json::parse(text);
-    if (!j.is_object()) fail("--spec {}: expected a JSON object, found {}", inline_json ? "text" : json_or_file, j.type_name());
+    if (!j.is_object())
+      fail("--spec {}: expected a JSON object, found {}", inline_json ? "text" : json_or_file, j.type_name());
     return j;
   } catch (const nlohmann::json::parse_error& e) {
     fail("--spec {}: invalid JSON: {}", inline_json ? "text" : json_or_file, e.what());

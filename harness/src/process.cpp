@@ -6,21 +6,20 @@
 #include <fmt/core.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
-#include <sys/prctl.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <mutex>
 #include <charconv>
 #include <climits>
 #include <fstream>
+#include <mutex>
 #include <system_error>
 #include <thread>
 
@@ -33,9 +32,7 @@ using Clock = std::chrono::steady_clock;
 
 std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
 
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 void sleep_for(std::chrono::milliseconds d) {
   timespec req{static_cast<time_t>(d.count() / 1000), static_cast<long>((d.count() % 1000) * 1000000)};
@@ -93,7 +90,7 @@ std::string resolve_program(const std::string& name, const std::map<std::string,
     const std::string dir = it->second.substr(begin, end - begin);
     if (!dir.empty()) {
       const std::string candidate = dir + "/" + name;
-      struct stat st{};
+      struct stat st {};
       if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(candidate.c_str(), X_OK) == 0)
         return candidate;
     }
@@ -105,12 +102,18 @@ std::string resolve_program(const std::string& name, const std::map<std::string,
 
 std::string stage_text(ChildStage stage, const ProcessSpec& spec, const std::string& program) {
   switch (stage) {
-    case ChildStage::Setsid: return "setsid()";
-    case ChildStage::DevNull: return "open(/dev/null) for stdin";
-    case ChildStage::Stdout: return fmt::format("open({}) for stdout", spec.stdout_path.string());
-    case ChildStage::Stderr: return fmt::format("open({}) for stderr", spec.stderr_path.string());
-    case ChildStage::Chdir: return fmt::format("chdir({})", spec.cwd.string());
-    case ChildStage::Execve: return fmt::format("execve({})", program);
+    case ChildStage::Setsid:
+      return "setsid()";
+    case ChildStage::DevNull:
+      return "open(/dev/null) for stdin";
+    case ChildStage::Stdout:
+      return fmt::format("open({}) for stdout", spec.stdout_path.string());
+    case ChildStage::Stderr:
+      return fmt::format("open({}) for stderr", spec.stderr_path.string());
+    case ChildStage::Chdir:
+      return fmt::format("chdir({})", spec.cwd.string());
+    case ChildStage::Execve:
+      return fmt::format("execve({})", program);
   }
   return "child setup";
 }
@@ -149,9 +152,9 @@ void forward_and_die(int sig) {
 
 void install_forwarding(bool only_if_default) {
   for (const int sig : {SIGINT, SIGTERM, SIGHUP}) {
-    struct sigaction current{};
+    struct sigaction current {};
     if (only_if_default && (::sigaction(sig, nullptr, &current) != 0 || current.sa_handler != SIG_DFL)) continue;
-    struct sigaction act{};
+    struct sigaction act {};
     act.sa_handler = forward_and_die;
     act.sa_flags = SA_RESETHAND;
     sigemptyset(&act.sa_mask);
@@ -189,8 +192,10 @@ void forward_termination_to_children() { install_forwarding(false); }
 std::string shell_quote(const std::string& s) {
   std::string out = "'";
   for (char c : s) {
-    if (c == '\'') out += "'\\''";
-    else out += c;
+    if (c == '\'')
+      out += "'\\''";
+    else
+      out += c;
   }
   return out + "'";
 }
@@ -307,7 +312,7 @@ ProcessResult run_process(const ProcessSpec& spec) {
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, nullptr);
-    struct sigaction dfl{};
+    struct sigaction dfl {};
     dfl.sa_handler = SIG_DFL;
     for (int sig = 1; sig < NSIG; ++sig)
       if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
@@ -338,13 +343,17 @@ ProcessResult run_process(const ProcessSpec& spec) {
     for (;;) {
       int keep = INT_MAX;
       const bool take_err = !err_done && (k >= keep_fds.size() || err_fd < keep_fds[k]);
-      if (take_err) keep = err_fd;
-      else if (k < keep_fds.size()) keep = keep_fds[k];
+      if (take_err)
+        keep = err_fd;
+      else if (k < keep_fds.size())
+        keep = keep_fds[k];
       if (keep == INT_MAX) break;
       close_from(lo, keep - 1);
       lo = std::max(lo, keep + 1);
-      if (take_err) err_done = true;
-      else ::fcntl(keep_fds[k++], F_SETFD, 0);  // keep across execve
+      if (take_err)
+        err_done = true;
+      else
+        ::fcntl(keep_fds[k++], F_SETFD, 0);  // keep across execve
     }
     close_from(lo, INT_MAX);
     ::execve(program.c_str(), argv.data(), envp.data());
@@ -393,8 +402,8 @@ ProcessResult run_process(const ProcessSpec& spec) {
     }
     auto wait = step;
     if (has_timeout) {
-      wait = std::min(wait, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now) +
-                                std::chrono::milliseconds(1));
+      wait = std::min(
+          wait, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now) + std::chrono::milliseconds(1));
     }
     sleep_for(wait);
     step = std::min(step * 2, std::chrono::milliseconds(25));

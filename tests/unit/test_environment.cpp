@@ -3,6 +3,7 @@
 // /usr/bin/python3, and python inside a cached debian-rootfs when one is READY.
 #include <fcntl.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -27,8 +28,13 @@ namespace {
 // processes, O_APPEND), sleeps a little so concurrent callers overlap, writes a payload.
 class CheapProvider final : public CachedProvider {
  public:
-  CheapProvider(fs::path cache_root, fs::path log, std::string tag = "a", bool fail_build = false)
-      : CachedProvider(std::move(cache_root)), log_(std::move(log)), tag_(std::move(tag)), fail_(fail_build) {}
+  CheapProvider(fs::path cache_root, fs::path log, std::string tag = "a", bool fail_build = false,
+                std::string step = {})
+      : CachedProvider(std::move(cache_root)),
+        log_(std::move(log)),
+        tag_(std::move(tag)),
+        fail_(fail_build),
+        step_(std::move(step)) {}
   std::string kind() const override { return "cheap"; }
   std::string id() const override { return "cheap-" + tag_; }
   nlohmann::json request() const override { return {{"provider", "cheap"}, {"tag", tag_}}; }
@@ -41,6 +47,13 @@ class CheapProvider final : public CachedProvider {
     REQUIRE(::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size()));
     ::close(fd);
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    if (!step_.empty()) {  // a build step, run like the real providers run theirs
+      ProcessSpec spec;
+      spec.argv = {"/bin/sh", "-c", step_};
+      spec.env = {{"PATH", "/usr/bin:/bin"}};
+      spec.inherit_fds = {current_build_lock_fd()};
+      REQUIRE(run_process(spec).ok());
+    }
     write_text(partial / "logs" / "build.log", "built\n");
     if (fail_) throw opensci::Error("cheap build failed on purpose");
     write_text(partial / "payload.txt", "payload of " + tag_);
@@ -59,6 +72,7 @@ class CheapProvider final : public CachedProvider {
   fs::path log_;
   std::string tag_;
   bool fail_;
+  std::string step_;
 };
 
 size_t count_lines(const fs::path& p) {
@@ -74,11 +88,14 @@ std::string run_python(const Environment& env, const ScratchDir& dir, const std:
                        const std::vector<fs::path>& host_dirs = {}) {
   write_text(dir / "script.py", script);
   auto extra = private_run_env(dir / "run");
-  auto spec = env.python(dir / "script.py", {}, [&] {
-    auto dirs = host_dirs;
-    dirs.push_back(dir.path());
-    return dirs;
-  }(), extra, std::chrono::seconds(120));
+  auto spec = env.python(
+      dir / "script.py", {},
+      [&] {
+        auto dirs = host_dirs;
+        dirs.push_back(dir.path());
+        return dirs;
+      }(),
+      extra, std::chrono::seconds(120));
   spec.stdout_path = dir / "stdout.txt";
   spec.stderr_path = dir / "stderr.txt";
   const auto r = run_process(spec);
@@ -115,8 +132,9 @@ TEST_CASE("expand_vars: VAR, VAR with default, unset and malformed", "[environme
 TEST_CASE("make_provider: an unset variable makes the provider unavailable, naming it", "[environment]") {
   ScratchDir cache("env-unset");
   ::unsetenv("OPENSCI_TEST_WHEELHOUSE_UNSET");
-  auto p = make_provider({{"provider", "venv"}, {"transformers", "4.57.6"}, {"find_links", "${OPENSCI_TEST_WHEELHOUSE_UNSET}"}},
-                         {cache.path()});
+  auto p = make_provider(
+      {{"provider", "venv"}, {"transformers", "4.57.6"}, {"find_links", "${OPENSCI_TEST_WHEELHOUSE_UNSET}"}},
+      {cache.path()});
   const auto a = p->probe();
   CHECK_FALSE(a.available);
   CHECK(a.reason.find("${OPENSCI_TEST_WHEELHOUSE_UNSET} is not set") != std::string::npos);
@@ -161,21 +179,24 @@ TEST_CASE("providers report why they are unavailable", "[environment]") {
   SECTION("venv: a wheel dir without the requested transformers") {
     fs::create_directories(cache / "wheels");
     write_text(cache / "wheels" / "transformers-4.48.0-py3-none-any.whl", "");
-    const auto a = make_provider({{"provider", "venv"}, {"transformers", "4.57.6"}, {"find_links", (cache / "wheels").string()}},
-                                 opt)
-                       ->probe();
+    const auto a =
+        make_provider({{"provider", "venv"}, {"transformers", "4.57.6"}, {"find_links", (cache / "wheels").string()}},
+                      opt)
+            ->probe();
     CHECK_FALSE(a.available);
     CHECK(a.reason.find("has no transformers-4.57.6-*.whl") != std::string::npos);
   }
   SECTION("venv: an index that does not answer") {
-    const auto a = make_provider({{"provider", "venv"}, {"transformers", "4.57.6"}, {"index_url", "http://127.0.0.1:9/simple"}},
-                                 opt)
-                       ->probe();
+    const auto a =
+        make_provider({{"provider", "venv"}, {"transformers", "4.57.6"}, {"index_url", "http://127.0.0.1:9/simple"}},
+                      opt)
+            ->probe();
     CHECK_FALSE(a.available);
     CHECK(a.reason.find("package index http://127.0.0.1:9/simple is not reachable") != std::string::npos);
   }
   SECTION("uv: not installed") {
-    auto p = make_provider({{"provider", "uv"}, {"transformers", "4.48.0"}, {"index_url", "http://127.0.0.1:9/simple"}}, opt);
+    auto p = make_provider({{"provider", "uv"}, {"transformers", "4.48.0"}, {"index_url", "http://127.0.0.1:9/simple"}},
+                           opt);
     const auto a = p->probe();
     CHECK_FALSE(a.available);
     // Either uv is missing here, or it is installed and the index is what is missing.
@@ -196,11 +217,13 @@ TEST_CASE("providers report why they are unavailable", "[environment]") {
                       opt)
             ->probe();
     CHECK_FALSE(a.available);
-    CHECK(a.reason.find("base environment system-nonexistent-python: interpreter /nonexistent/python") != std::string::npos);
+    CHECK(a.reason.find("base environment system-nonexistent-python: interpreter /nonexistent/python") !=
+          std::string::npos);
   }
   SECTION("debian-rootfs: an unreachable mirror") {
-    const auto a = make_provider({{"provider", "debian-rootfs"}, {"suite", "sid"}, {"mirror", "http://127.0.0.1:9/debian"}}, opt)
-                       ->probe();
+    const auto a =
+        make_provider({{"provider", "debian-rootfs"}, {"suite", "sid"}, {"mirror", "http://127.0.0.1:9/debian"}}, opt)
+            ->probe();
     CHECK_FALSE(a.available);
     // Not root / no unshare is reported first; otherwise the mirror.
     CHECK((a.reason.find("mirror http://127.0.0.1:9/debian is not reachable") != std::string::npos ||
@@ -346,6 +369,38 @@ TEST_CASE("cache entry: a .partial with something mounted below it is never dele
   CHECK(p.is_ready());
 }
 
+TEST_CASE("cache entry: build processes orphaned by a killed harness keep the entry locked", "[environment][cache]") {
+  ScratchDir cache("env-orphan");
+  const auto started = cache / "step-started";
+  // The step's leader dies with the harness (PR_SET_PDEATHSIG); its background child survives
+  // for ~1.5 s and still holds the inherited lock.
+  const pid_t harness = ::fork();
+  REQUIRE(harness >= 0);
+  if (harness == 0) {
+    CheapProvider p(cache.path(), cache / "builds.log", "a", false, "sleep 1.5 & touch " + started.string() + "; wait");
+    Progress quiet("child", nullptr);
+    try {
+      p.realise(quiet);
+    } catch (...) {
+    }
+    ::_exit(0);
+  }
+  for (int i = 0; i < 500 && !fs::exists(started); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  REQUIRE(fs::exists(started));
+  ::kill(harness, SIGKILL);
+  int status = 0;
+  REQUIRE(::waitpid(harness, &status, 0) == harness);
+  const auto t0 = std::chrono::steady_clock::now();
+  CheapProvider p(cache.path(), cache / "builds.log");
+  Progress quiet("t", nullptr);
+  p.realise(quiet);  // waits for the orphan, then removes its .partial and builds
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CHECK(waited > 1.0);
+  CHECK(count_lines(cache / "builds.log") == 2);
+  CHECK(p.is_ready());
+  CHECK_FALSE(fs::exists(p.cache_dir().string() + ".partial"));
+}
+
 TEST_CASE("cache entry: a failed build keeps its logs and leaves no partial", "[environment][cache]") {
   ScratchDir cache("env-failed");
   CheapProvider bad(cache.path(), cache / "builds.log", "a", true);
@@ -372,10 +427,15 @@ TEST_CASE("cache entry: different requests get different entries", "[environment
 }
 
 TEST_CASE("default_cache_root follows OPENSCI_CACHE_DIR, then XDG_CACHE_HOME, then HOME", "[environment]") {
-  const auto save = [](const char* n) { const char* v = std::getenv(n); return v ? std::optional<std::string>(v) : std::nullopt; };
+  const auto save = [](const char* n) {
+    const char* v = std::getenv(n);
+    return v ? std::optional<std::string>(v) : std::nullopt;
+  };
   const auto restore = [](const char* n, const std::optional<std::string>& v) {
-    if (v) ::setenv(n, v->c_str(), 1);
-    else ::unsetenv(n);
+    if (v)
+      ::setenv(n, v->c_str(), 1);
+    else
+      ::unsetenv(n);
   };
   const auto o = save("OPENSCI_CACHE_DIR"), x = save("XDG_CACHE_HOME"), h = save("HOME");
   ::setenv("HOME", "/home/someone", 1);
@@ -493,7 +553,8 @@ TEST_CASE("venv provider: offline install from a wheel directory", "[environment
                "    di = '%s-%s.dist-info' % (name, version)\n"
                "    files = {name + '/__init__.py': '__version__ = %r\\n' % version,\n"
                "             di + '/METADATA': 'Metadata-Version: 2.1\\nName: %s\\nVersion: %s\\n' % (name, version),\n"
-               "             di + '/WHEEL': 'Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n'}\n"
+               "             di + '/WHEEL': 'Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: "
+               "py3-none-any\\n'}\n"
                "    files[di + '/RECORD'] = ''.join(k + ',,\\n' for k in files) + di + '/RECORD,,\\n'\n"
                "    with zipfile.ZipFile('%s/%s-%s-py3-none-any.whl' % (out, name, version), 'w') as z:\n"
                "        for k, v in files.items(): z.writestr(k, v)\n",
@@ -518,8 +579,8 @@ TEST_CASE("venv provider: offline install from a wheel directory", "[environment
   CHECK(env.python_exe == env.root / "venv" / "bin" / "python");
   ScratchDir run("env-venv-run");
   CHECK(run_python(env, run, "import sys, transformers; print(sys.prefix == sys.base_prefix, transformers.__file__)") ==
-        "False " + (env.root / "venv").string() + "/lib/python" + env.python_version.substr(0, env.python_version.rfind('.')) +
-            "/site-packages/transformers/__init__.py\n");
+        "False " + (env.root / "venv").string() + "/lib/python" +
+            env.python_version.substr(0, env.python_version.rfind('.')) + "/site-packages/transformers/__init__.py\n");
   CHECK(p->probe().ready);
 }
 
@@ -546,18 +607,19 @@ TEST_CASE("debian-rootfs provider: python runs inside the cached rootfs", "[envi
 
   ScratchDir dir("env-rootfs");
   ::setenv("OPENSCI_PARENT_ONLY", "leaked", 1);
-  const auto out = run_python(env, dir,
-                              "import json, os, sys, torch, transformers\n"
-                              "here = os.path.dirname(os.path.abspath(__file__))\n"
-                              "open(os.path.join(here, 'written-inside.txt'), 'w').write('hello')\n"
-                              "x = torch.ones(256, 256) @ torch.ones(256, 256)\n"
-                              "maps = open('/proc/self/maps').read()\n"
-                              "root = [l.split(' - ')[1].split()[0] for l in open('/proc/self/mountinfo')\n"
-                              "        if l.split()[4] == '/'][-1]\n"
-                              "print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__,\n"
-                              "  'transformers': transformers.__version__, 'value': float(x[0, 0]),\n"
-                              "  'openblas': 'openblas' in maps, 'root_fs': root, 'cwd': os.getcwd(),\n"
-                              "  'leak': os.environ.get('OPENSCI_PARENT_ONLY'), 'offline': os.environ.get('HF_HUB_OFFLINE')}))\n");
+  const auto out =
+      run_python(env, dir,
+                 "import json, os, sys, torch, transformers\n"
+                 "here = os.path.dirname(os.path.abspath(__file__))\n"
+                 "open(os.path.join(here, 'written-inside.txt'), 'w').write('hello')\n"
+                 "x = torch.ones(256, 256) @ torch.ones(256, 256)\n"
+                 "maps = open('/proc/self/maps').read()\n"
+                 "root = [l.split(' - ')[1].split()[0] for l in open('/proc/self/mountinfo')\n"
+                 "        if l.split()[4] == '/'][-1]\n"
+                 "print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__,\n"
+                 "  'transformers': transformers.__version__, 'value': float(x[0, 0]),\n"
+                 "  'openblas': 'openblas' in maps, 'root_fs': root, 'cwd': os.getcwd(),\n"
+                 "  'leak': os.environ.get('OPENSCI_PARENT_ONLY'), 'offline': os.environ.get('HF_HUB_OFFLINE')}))\n");
   ::unsetenv("OPENSCI_PARENT_ONLY");
   const auto j = nlohmann::json::parse(out);
   CHECK(j.at("python") == env.python_version);
@@ -574,6 +636,7 @@ TEST_CASE("debian-rootfs provider: python runs inside the cached rootfs", "[envi
     // runs see the rootfs copy-on-write: no mountpoint dirs leak into the cached tree
     CHECK_FALSE(fs::exists(env.rootfs / dir.path().relative_path()));
   } else {
-    WARN("overlayfs unavailable here (root fs type " << j.at("root_fs") << "): runs create mountpoint dirs in the rootfs");
+    WARN("overlayfs unavailable here (root fs type " << j.at("root_fs")
+                                                     << "): runs create mountpoint dirs in the rootfs");
   }
 }

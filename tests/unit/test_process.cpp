@@ -1,7 +1,7 @@
 // The subprocess runner: exit codes, capture, clean environment, timeouts that take down the
 // whole process group (grandchildren included), crashes, exec failures, cwd, EINTR.
-#include <signal.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -119,10 +119,9 @@ TEST_CASE("run_process: timeout kills the whole process group, grandchildren inc
   const auto pids = dir / "pids";
   // The leader starts a sleeping child and a sub-shell which starts its own sleeping child;
   // one grandchild even ignores SIGTERM, so only the SIGKILL after the grace period gets it.
-  auto spec = sh("sleep 1000 & echo $! >> " + pids.string() +
-                     "; sh -c 'sleep 1000 & echo $! >> " + pids.string() +
-                     "; (trap \"\" TERM; exec sleep 1000) & echo $! >> " + pids.string() +
-                     "; wait' & echo $! >> " + pids.string() + "; echo $$ >> " + pids.string() + "; wait",
+  auto spec = sh("sleep 1000 & echo $! >> " + pids.string() + "; sh -c 'sleep 1000 & echo $! >> " + pids.string() +
+                     "; (trap \"\" TERM; exec sleep 1000) & echo $! >> " + pids.string() + "; wait' & echo $! >> " +
+                     pids.string() + "; echo $$ >> " + pids.string() + "; wait",
                  dir);
   spec.timeout = std::chrono::milliseconds(600);
   spec.kill_grace = std::chrono::milliseconds(500);
@@ -213,7 +212,8 @@ TEST_CASE("run_process: working directory", "[process]") {
 
 TEST_CASE("run_process: EINTR-safe while the parent is hit by signals", "[process]") {
   ScratchDir dir("proc-eintr");
-  struct sigaction handler{}, old{};
+  struct sigaction handler {
+  }, old{};
   handler.sa_handler = [](int) {};
   handler.sa_flags = 0;  // no SA_RESTART: blocking calls return EINTR
   sigemptyset(&handler.sa_mask);
@@ -295,7 +295,8 @@ TEST_CASE("run_process: children die with the harness (SIGTERM forwarded, SIGKIL
       run_process(spec);
       ::_exit(0);
     }
-    for (int i = 0; i < 500 && read_pids(pids).size() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    for (int i = 0; i < 500 && read_pids(pids).size() < 2; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
     const auto children = read_pids(pids);
     REQUIRE(children.size() == 2);
     ::kill(harness, sig);

@@ -67,7 +67,7 @@ void SpecReader::check_keys(const std::vector<std::string>& allowed) const {
 
 std::optional<fs::path> find_host_program(const std::string& name) {
   auto executable = [](const fs::path& p) {
-    struct stat st{};
+    struct stat st {};
     return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(p.c_str(), X_OK) == 0;
   };
   if (name.find('/') != std::string::npos) {
@@ -157,8 +157,10 @@ std::string sanitize_id(const std::string& text) {
   std::string out;
   for (char c : text) {
     const bool ok = std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '+';
-    if (ok) out += c;
-    else if (!out.empty() && out.back() != '-') out += '-';
+    if (ok)
+      out += c;
+    else if (!out.empty() && out.back() != '-')
+      out += '-';
   }
   while (!out.empty() && out.back() == '-') out.pop_back();
   return out.empty() ? "env" : out;
@@ -176,7 +178,8 @@ ProcessSpec rootfs_spec(const fs::path& rootfs, const std::vector<std::string>& 
     if (d.empty()) continue;
     std::string s = fs::absolute(d).lexically_normal().string();
     while (s.size() > 1 && s.back() == '/') s.pop_back();
-    if (s == "/") fail("rootfs_spec: cannot make the host's / visible inside the rootfs {} (host_dirs)", rootfs.string());
+    if (s == "/")
+      fail("rootfs_spec: cannot make the host's / visible inside the rootfs {} (host_dirs)", rootfs.string());
     targets.insert(s);
     std::error_code ec;
     const auto canonical = fs::canonical(d, ec);

@@ -58,14 +58,16 @@ class DebianRootfsProvider final : public CachedProvider {
   Availability probe() const override {
     const std::string runtime = rootfs_runtime_problem();
     if (is_ready()) {
-      if (!runtime.empty()) return Availability::no(fmt::format("cached at {} but cannot run it: {}", cache_dir().string(), runtime));
+      if (!runtime.empty())
+        return Availability::no(fmt::format("cached at {} but cannot run it: {}", cache_dir().string(), runtime));
       return Availability::yes(fmt::format("ready at {}", cache_dir().string()), true);
     }
     if (!runtime.empty()) return Availability::no(runtime);
     std::string tool_note;
     if (!find_host_program("debootstrap")) {
       if (!find_host_program("apt-get"))
-        return Availability::no("debootstrap not found (looked in PATH and /usr/sbin) and there is no apt-get to install it");
+        return Availability::no(
+            "debootstrap not found (looked in PATH and /usr/sbin) and there is no apt-get to install it");
       tool_note = "; debootstrap will be installed with apt-get";
     }
     std::string why;
@@ -102,18 +104,28 @@ class DebianRootfsProvider final : public CachedProvider {
     // debootstrap mounts /proc and /sys in the target itself: run it in a private mount
     // namespace so a killed build leaves no mounts behind.
     ProcessSpec boot;
-    boot.argv = {"unshare", "--mount", "--propagation", "private", debootstrap->string(), "--variant=minbase",
-                 "--include=ca-certificates", suite_, root.string(), mirror};
+    boot.argv = {"unshare",
+                 "--mount",
+                 "--propagation",
+                 "private",
+                 debootstrap->string(),
+                 "--variant=minbase",
+                 "--include=ca-certificates",
+                 suite_,
+                 root.string(),
+                 mirror};
     boot.env = host_tool_env();
     boot.timeout = std::chrono::minutes(30);
-    run_step(progress, "debootstrap", fmt::format("{} minbase from {}", suite_, mirror), boot, logs / "debootstrap.log");
+    run_step(progress, "debootstrap", fmt::format("{} minbase from {}", suite_, mirror), boot,
+             logs / "debootstrap.log");
 
     progress.stage("configure apt", "host apt.conf.d (the mirror may be a frozen snapshot), resolv.conf, policy-rc.d");
     std::vector<std::string> copied;
     std::error_code ec;
     for (const auto& e : fs::directory_iterator("/etc/apt/apt.conf.d", ec)) {
       if (!e.is_regular_file()) continue;
-      fs::copy_file(e.path(), root / "etc/apt/apt.conf.d" / e.path().filename(), fs::copy_options::overwrite_existing, ec);
+      fs::copy_file(e.path(), root / "etc/apt/apt.conf.d" / e.path().filename(), fs::copy_options::overwrite_existing,
+                    ec);
       if (ec) fail("copying {} into {}: {}", e.path().string(), (root / "etc/apt/apt.conf.d").string(), ec.message());
       copied.push_back(e.path().filename().string());
     }
@@ -124,8 +136,9 @@ class DebianRootfsProvider final : public CachedProvider {
       std::ofstream policy(root / "usr/sbin/policy-rc.d");
       policy << "#!/bin/sh\n# opensci-compat: no services start inside this rootfs\nexit 101\n";
     }
-    fs::permissions(root / "usr/sbin/policy-rc.d", fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
-                                                       fs::perms::others_read | fs::perms::others_exec);
+    fs::permissions(root / "usr/sbin/policy-rc.d", fs::perms::owner_all | fs::perms::group_read |
+                                                       fs::perms::group_exec | fs::perms::others_read |
+                                                       fs::perms::others_exec);
 
     std::map<std::string, std::string> apt_env = host_tool_env();
     apt_env["PATH"] = kInsidePath;
@@ -143,11 +156,18 @@ class DebianRootfsProvider final : public CachedProvider {
     install.insert(install.end(), packages_.begin(), packages_.end());
     run_step(progress, "apt-get install", fmt::format("{}", fmt::join(packages_, " ")),
              in_root(install, std::chrono::minutes(60)), logs / "apt-install.log");
-    run_step(progress, "apt-get clean", "", in_root({"apt-get", "clean"}, std::chrono::minutes(5)), logs / "apt-clean.log");
+    run_step(progress, "apt-get clean", "", in_root({"apt-get", "clean"}, std::chrono::minutes(5)),
+             logs / "apt-clean.log");
 
     // What was installed, as dpkg records it.
-    std::vector<std::string> query = {"dpkg-query", "-W", "-f", "${Package}\\t${Version}\\t${db:Status-Abbrev}\\n",
-                                      "python3", "python3-torch", "python3-transformers", "libopenblas0-pthread"};
+    std::vector<std::string> query = {"dpkg-query",
+                                      "-W",
+                                      "-f",
+                                      "${Package}\\t${Version}\\t${db:Status-Abbrev}\\n",
+                                      "python3",
+                                      "python3-torch",
+                                      "python3-transformers",
+                                      "libopenblas0-pthread"};
     for (const auto& p : packages_) query.push_back(p.substr(0, p.find('=')));
     const fs::path dpkg_log = logs / "dpkg-query.log";
     ProcessSpec q = in_root(query, std::chrono::minutes(2));
@@ -165,7 +185,8 @@ class DebianRootfsProvider final : public CachedProvider {
           status.rfind("ii", 0) == 0)
         installed[name] = version;
     }
-    if (!installed.contains("python3")) fail("python3 is not installed in {} (see {})", root.string(), dpkg_log.string());
+    if (!installed.contains("python3"))
+      fail("python3 is not installed in {} (see {})", root.string(), dpkg_log.string());
 
     progress.stage("discover versions", "import torch, transformers inside the rootfs");
     fs::create_directories(partial / "run");
@@ -208,7 +229,8 @@ class DebianRootfsProvider final : public CachedProvider {
 
 }  // namespace
 
-std::unique_ptr<EnvironmentProvider> make_debian_rootfs_provider(const nlohmann::json& spec, const fs::path& cache_root) {
+std::unique_ptr<EnvironmentProvider> make_debian_rootfs_provider(const nlohmann::json& spec,
+                                                                 const fs::path& cache_root) {
   return std::make_unique<DebianRootfsProvider>(spec, cache_root);
 }
 

@@ -29,9 +29,10 @@ class OverlayProvider final : public CachedProvider {
     wheels_ = r.str("transformers_wheels");
     pythonpath_ = r.str_list("pythonpath");
     if (src_.empty() == wheels_.empty())
-      fail("overlay environment spec: give exactly one of \"transformers_src\" (a transformers checkout or its src/ "
-           "dir) and \"transformers_wheels\" (a directory of wheels); found {}",
-           spec.dump());
+      fail(
+          "overlay environment spec: give exactly one of \"transformers_src\" (a transformers checkout or its src/ "
+          "dir) and \"transformers_wheels\" (a directory of wheels); found {}",
+          spec.dump());
   }
 
   std::string kind() const override { return "overlay"; }
@@ -140,9 +141,10 @@ class OverlayProvider final : public CachedProvider {
     std::error_code ec;
     for (const auto& candidate : {root / "src", root})
       if (fs::is_regular_file(candidate / "transformers" / "__init__.py", ec)) return candidate;
-    problem = fmt::format("no transformers package under {} (expected {}/src/transformers/__init__.py or "
-                          "{}/transformers/__init__.py)",
-                          root.string(), root.string(), root.string());
+    problem = fmt::format(
+        "no transformers package under {} (expected {}/src/transformers/__init__.py or "
+        "{}/transformers/__init__.py)",
+        root.string(), root.string(), root.string());
     return {};
   }
 
@@ -155,9 +157,10 @@ class OverlayProvider final : public CachedProvider {
       if (e.path().extension() == ".whl") files.push_back(e.path());
     std::sort(files.begin(), files.end());
     for (const auto& f : files) {
-      struct stat st{};
+      struct stat st {};
       ::stat(f.c_str(), &st);
-      out.push_back({{"name", f.filename().string()}, {"size", static_cast<int64_t>(st.st_size)},
+      out.push_back({{"name", f.filename().string()},
+                     {"size", static_cast<int64_t>(st.st_size)},
                      {"mtime", static_cast<int64_t>(st.st_mtime)}});
     }
     return out;

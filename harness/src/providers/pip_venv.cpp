@@ -38,9 +38,8 @@ class PipProvider final : public CachedProvider {
   std::string kind() const override { return uv_ ? "uv" : "venv"; }
   std::string id() const override { return kind() + "-transformers-" + sanitize_id(transformers_); }
   nlohmann::json request() const override {
-    return {{"provider", kind()},       {"transformers", transformers_}, {"torch", torch_},
-            {"packages", packages_},    {"python", python_},             {"index_url", index_url_},
-            {"find_links", find_links_}, {"recipe", kRecipe}};
+    return {{"provider", kind()}, {"transformers", transformers_}, {"torch", torch_},           {"packages", packages_},
+            {"python", python_},  {"index_url", index_url_},       {"find_links", find_links_}, {"recipe", kRecipe}};
   }
 
   Availability probe() const override {
@@ -48,7 +47,8 @@ class PipProvider final : public CachedProvider {
     std::string tool;
     if (uv_) {
       const auto uv = find_host_program("uv");
-      if (!uv) return Availability::no("uv not found in PATH (nor in the sbin/bin dirs); install uv or use the venv provider");
+      if (!uv)
+        return Availability::no("uv not found in PATH (nor in the sbin/bin dirs); install uv or use the venv provider");
       tool = uv->string();
     } else {
       const auto base = find_host_program(python_);
@@ -66,20 +66,22 @@ class PipProvider final : public CachedProvider {
         return Availability::no(fmt::format("find_links {} is not a directory", find_links_));
       if (index_url_.empty()) {
         if (!has_distribution(find_links_, "transformers", transformers_))
-          return Availability::no(fmt::format("find_links {} has no transformers-{}-*.whl (nor .tar.gz) and no index_url is given",
-                                              find_links_, transformers_));
+          return Availability::no(
+              fmt::format("find_links {} has no transformers-{}-*.whl (nor .tar.gz) and no index_url is given",
+                          find_links_, transformers_));
         if (!has_distribution(find_links_, "torch", torch_))
-          return Availability::no(fmt::format("find_links {} has no torch{}-*.whl and no index_url is given", find_links_,
-                                              torch_.empty() ? "" : "-" + torch_));
+          return Availability::no(fmt::format("find_links {} has no torch{}-*.whl and no index_url is given",
+                                              find_links_, torch_.empty() ? "" : "-" + torch_));
         return Availability::yes(fmt::format("will build {} with {} offline from {} into {}", id(), tool, find_links_,
                                              cache_dir().string()));
       }
     }
     const std::string index = effective_index();
     if (const auto problem = check_url_reachable(index); !problem.empty())
-      return Availability::no(fmt::format("package index {} is not reachable ({}) and no find_links wheel directory is given",
-                                          index, problem));
-    return Availability::yes(fmt::format("will build {} with {} from {} into {}", id(), tool, index, cache_dir().string()));
+      return Availability::no(fmt::format(
+          "package index {} is not reachable ({}) and no find_links wheel directory is given", index, problem));
+    return Availability::yes(
+        fmt::format("will build {} with {} from {} into {}", id(), tool, index, cache_dir().string()));
   }
 
  protected:
@@ -104,9 +106,12 @@ class PipProvider final : public CachedProvider {
     }
     if (!index_url_.empty()) source.insert(source.end(), {"--index-url", index_url_});
     std::vector<std::string> requirements = {"transformers==" + transformers_};
-    if (torch_.empty()) requirements.push_back("torch");
-    else if (std::isdigit(static_cast<unsigned char>(torch_[0]))) requirements.push_back("torch==" + torch_);
-    else requirements.push_back("torch" + torch_);
+    if (torch_.empty())
+      requirements.push_back("torch");
+    else if (std::isdigit(static_cast<unsigned char>(torch_[0])))
+      requirements.push_back("torch==" + torch_);
+    else
+      requirements.push_back("torch" + torch_);
     requirements.insert(requirements.end(), packages_.begin(), packages_.end());
 
     ProcessSpec create, install, freeze;
@@ -165,12 +170,9 @@ class PipProvider final : public CachedProvider {
     Environment e = open(partial, nlohmann::json::object());
     discover_versions(e);
     progress.note("discovered: " + e.summary());
-    return {{"installed", installed},
-            {"installer", uv_ ? "uv" : pip_},
-            {"requirements", requirements},
-            {"source", source},
-            {"versions", versions_json(e)},
-            {"layout", {{"venv", "venv"}, {"logs", "logs"}}}};
+    return {{"installed", installed},       {"installer", uv_ ? "uv" : pip_},
+            {"requirements", requirements}, {"source", source},
+            {"versions", versions_json(e)}, {"layout", {{"venv", "venv"}, {"logs", "logs"}}}};
   }
 
   Environment open(const fs::path& dir, const nlohmann::json& manifest) const override {
@@ -204,7 +206,8 @@ class PipProvider final : public CachedProvider {
       if (!archive || f.rfind(name + "-", 0) != 0) continue;
       if (version.empty() || !std::isdigit(static_cast<unsigned char>(version[0]))) return true;
       const std::string rest = f.substr(name.size() + 1);
-      if (rest.rfind(version + "-", 0) == 0 || rest.rfind(version + "+", 0) == 0 || rest.rfind(version + ".tar.gz", 0) == 0)
+      if (rest.rfind(version + "-", 0) == 0 || rest.rfind(version + "+", 0) == 0 ||
+          rest.rfind(version + ".tar.gz", 0) == 0)
         return true;
     }
     return false;
@@ -242,8 +245,9 @@ class PipProvider final : public CachedProvider {
     const auto r = run_process(check);
     ::unlink(templ);
     if (r.ok()) return "";
-    return fmt::format("{} cannot create venvs with pip (`import venv, ensurepip`: {}; {}) — on Debian: apt-get install python3-venv",
-                       python.string(), r.describe(), r.stderr_tail);
+    return fmt::format(
+        "{} cannot create venvs with pip (`import venv, ensurepip`: {}; {}) — on Debian: apt-get install python3-venv",
+        python.string(), r.describe(), r.stderr_tail);
   }
 
   bool uv_;
@@ -254,7 +258,8 @@ class PipProvider final : public CachedProvider {
 
 }  // namespace
 
-std::unique_ptr<EnvironmentProvider> make_pip_provider(const nlohmann::json& spec, const fs::path& cache_root, bool use_uv) {
+std::unique_ptr<EnvironmentProvider> make_pip_provider(const nlohmann::json& spec, const fs::path& cache_root,
+                                                       bool use_uv) {
   return std::make_unique<PipProvider>(spec, cache_root, use_uv);
 }
 

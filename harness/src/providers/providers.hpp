@@ -58,10 +58,7 @@ ProcessSpec rootfs_spec(const std::filesystem::path& rootfs, const std::vector<s
 std::string rootfs_runtime_problem();
 
 // ---- logged build steps ----
-// The flock fd of the cache entry being built on this thread (-1 outside a build): run_step
-// hands it to the step's processes, so a build orphaned by a killed harness keeps the entry
-// locked until its processes are gone.
-int current_build_lock_fd();
+// (run_step hands current_build_lock_fd() to the step's processes.)
 
 // Runs `spec` with stdout+stderr to `log` as stage `stage`, printing heartbeats; throws
 // opensci::Error naming the stage, the outcome, the log and its last lines on failure.
@@ -76,8 +73,8 @@ void apply_versions(Environment& env, const nlohmann::json& manifest);
 std::unique_ptr<EnvironmentProvider> make_debian_rootfs_provider(const nlohmann::json& spec,
                                                                  const std::filesystem::path& cache_root);
 std::unique_ptr<EnvironmentProvider> make_system_provider(const nlohmann::json& spec);
-std::unique_ptr<EnvironmentProvider> make_pip_provider(const nlohmann::json& spec, const std::filesystem::path& cache_root,
-                                                       bool use_uv);
+std::unique_ptr<EnvironmentProvider> make_pip_provider(const nlohmann::json& spec,
+                                                       const std::filesystem::path& cache_root, bool use_uv);
 std::unique_ptr<EnvironmentProvider> make_overlay_provider(const nlohmann::json& spec,
                                                            const std::filesystem::path& cache_root,
                                                            const ProviderOptions& options);

@@ -73,12 +73,12 @@ struct Environment {
   std::string torch_version;         // "" = not importable (see import_errors)
   std::string transformers_version;  // "" = not importable (see import_errors)
   std::map<std::string, std::string> import_errors;  // module -> "ModuleNotFoundError: ..." etc.
-  std::filesystem::path root;        // the cache entry dir (or the interpreter's prefix for system)
-  std::filesystem::path python_exe;  // as seen inside the environment
-  std::filesystem::path rootfs;      // non-empty: processes run chrooted here, in a private mount namespace
+  std::filesystem::path root;                        // the cache entry dir (or the interpreter's prefix for system)
+  std::filesystem::path python_exe;                  // as seen inside the environment
+  std::filesystem::path rootfs;  // non-empty: processes run chrooted here, in a private mount namespace
   std::vector<std::filesystem::path> python_path;  // put FIRST on PYTHONPATH (overlay)
-  std::string path_var;              // PATH inside the environment
-  nlohmann::json manifest;           // READY manifest of the cache entry (null when none)
+  std::string path_var;                            // PATH inside the environment
+  nlohmann::json manifest;                         // READY manifest of the cache entry (null when none)
 
   // A process running `python script args...` in this environment.
   //  - host_dirs are visible at the SAME absolute paths inside (rootfs: recursive bind mounts in a
@@ -116,10 +116,10 @@ void discover_versions(Environment& env, std::chrono::milliseconds timeout = std
 class EnvironmentProvider {
  public:
   virtual ~EnvironmentProvider() = default;
-  virtual std::string kind() const = 0;           // "debian-rootfs"
-  virtual std::string id() const = 0;             // "debian-sid"
-  virtual nlohmann::json request() const = 0;     // the normalised, expanded spec (cache key)
-  virtual Availability probe() const = 0;         // cheap; never builds
+  virtual std::string kind() const = 0;                 // "debian-rootfs"
+  virtual std::string id() const = 0;                   // "debian-sid"
+  virtual nlohmann::json request() const = 0;           // the normalised, expanded spec (cache key)
+  virtual Availability probe() const = 0;               // cheap; never builds
   virtual Environment realise(Progress& progress) = 0;  // builds when needed; throws opensci::Error on failure
 };
 
@@ -128,10 +128,10 @@ class EnvironmentProvider {
 class CachedProvider : public EnvironmentProvider {
  public:
   explicit CachedProvider(std::filesystem::path cache_root);
-  std::string cache_name() const;              // id() + "-" + request_hash(request())
-  std::filesystem::path cache_dir() const;     // <cache root>/envs/<cache_name()>
+  std::string cache_name() const;           // id() + "-" + request_hash(request())
+  std::filesystem::path cache_dir() const;  // <cache root>/envs/<cache_name()>
   const std::filesystem::path& cache_root() const { return cache_root_; }
-  bool is_ready() const;                       // READY manifest present
+  bool is_ready() const;  // READY manifest present
   Environment realise(Progress& progress) override;
 
  protected:
@@ -162,9 +162,15 @@ struct CacheEntry {
 //  3. A failed build keeps its logs in <name>.failed-logs and removes the partial dir.
 // The manifest gets: schema, name, request, request_hash, built_at (UTC), build_seconds,
 // stages, host, plus the fields returned by build.
-CacheEntry ensure_cache_entry(const std::filesystem::path& envs_dir, const std::string& name,
-                              const nlohmann::json& request, Progress& progress,
-                              const std::function<nlohmann::json(const std::filesystem::path& partial, Progress&)>& build);
+CacheEntry ensure_cache_entry(
+    const std::filesystem::path& envs_dir, const std::string& name, const nlohmann::json& request, Progress& progress,
+    const std::function<nlohmann::json(const std::filesystem::path& partial, Progress&)>& build);
+
+// The flock fd of the cache entry being built by ensure_cache_entry on this thread (-1 outside
+// a build). Build steps pass it in ProcessSpec::inherit_fds, so a build orphaned by a killed
+// harness keeps the entry locked until its last process is gone (nobody deletes a .partial
+// that is still being written).
+int current_build_lock_fd();
 
 // The READY manifest of an entry dir, or nullopt when absent/unreadable.
 std::optional<nlohmann::json> read_ready_manifest(const std::filesystem::path& dir);

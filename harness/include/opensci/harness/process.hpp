@@ -37,14 +37,14 @@ struct ProcessSpec {
 };
 
 struct ProcessResult {
-  int exit_code = -1;          // WEXITSTATUS when the child exited, else -1
-  int signal = 0;              // terminating signal, 0 when it exited
-  bool timed_out = false;      // the timeout fired and the group was killed
-  bool started = false;        // execve succeeded
-  std::string start_error;     // why it could not start ("execve(/x/y): No such file or directory")
-  int strays_killed = 0;       // processes of the group still alive after the leader ended (killed)
+  int exit_code = -1;       // WEXITSTATUS when the child exited, else -1
+  int signal = 0;           // terminating signal, 0 when it exited
+  bool timed_out = false;   // the timeout fired and the group was killed
+  bool started = false;     // execve succeeded
+  std::string start_error;  // why it could not start ("execve(/x/y): No such file or directory")
+  int strays_killed = 0;    // processes of the group still alive after the leader ended (killed)
   double wall_seconds = 0;
-  std::string stderr_tail;     // last ~4 KiB of the stderr file
+  std::string stderr_tail;  // last ~4 KiB of the stderr file
 
   bool ok() const { return started && !timed_out && signal == 0 && exit_code == 0; }
   // One line: "exit code 3", "killed by signal 11 (SIGSEGV)", "timed out after 2.0 s ...",
