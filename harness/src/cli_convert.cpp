@@ -36,7 +36,7 @@ uint64_t parse_size(const std::string& text) {
 void add_convert_command(CLI::App& app) {
   struct Args {
     convert::ConvertOptions options;
-    std::string to = "hf-fused", experts = "sequential", max_shard;
+    std::string to = "hf-fused", experts = "sequential", max_shard, fused_input = "auto";
   };
   auto a = std::make_shared<Args>();
   auto* cmd = app.add_subcommand(
@@ -57,6 +57,10 @@ void add_convert_command(CLI::App& app) {
       ->check(CLI::IsMember({"sequential", "grouped"}));
   cmd->add_option("--config", a->options.config, "HF config.json (default: <in>/config.json)")
       ->check(CLI::ExistingFile);
+  cmd->add_option("--fused-input", a->fused_input,
+                  "layout of fused expert tensors in the input: auto (by shape), v5 [E,2I,H] or transposed [E,H,2I]; "
+                  "needed only when 2I == H or I == H")
+      ->check(CLI::IsMember({"auto", "v5", "transposed"}));
   cmd->add_option("--max-shard-size", a->max_shard,
                   "split an output shard above this size (e.g. 512M); default: one output shard per input shard");
   cmd->callback([a] {
@@ -64,6 +68,9 @@ void add_convert_command(CLI::App& app) {
     a->options.megatron_experts =
         a->experts == "grouped" ? convert::MegatronExperts::Grouped : convert::MegatronExperts::Sequential;
     if (!a->max_shard.empty()) a->options.max_shard_bytes = parse_size(a->max_shard);
+    a->options.fused_input = a->fused_input == "v5"           ? convert::FusedInput::V5
+                             : a->fused_input == "transposed" ? convert::FusedInput::Transposed
+                                                              : convert::FusedInput::Auto;
     const auto r = convert::convert_checkpoint(a->options);
     fmt::print("converted {} -> {}: {} -> {}\n", a->options.input.string(), a->options.output.string(), r.from, r.to);
     fmt::print("  input:  {} tensors, {} bytes, {} shard file(s), tp {}\n", r.input_tensors, r.input_bytes,

@@ -172,7 +172,28 @@ TEST_CASE("fused tensors of an unknown or ambiguous shape are hard errors naming
     test::write_checkpoint(s / "pe", cfg, test::toy_tensors(s.path(), cfg, 8));
     run(s / "pe", s / "fused", Format::HfFused);  // per-expert input is unambiguous by name
     REQUIRE_ERROR_MENTIONS(run(s / "fused", s / "out", Format::HfPerExpert), "gate_up_proj", "[4, 12, 12]",
-                           "ambiguous", "2 * moe_intermediate_size == hidden_size");
+                           "ambiguous", "2 * moe_intermediate_size == hidden_size", "--fused-input");
+    CHECK_FALSE(has_safetensors(s / "out"));
+    // Stated, the layout is no longer a guess: v5 round-trips bit-exact.
+    ConvertOptions o;
+    o.input = s / "fused";
+    o.output = s / "back";
+    o.to = Format::HfPerExpert;
+    o.fused_input = FusedInput::V5;
+    convert_checkpoint(o);
+    CHECK(test::read_tensors(s / "back") == test::read_tensors(s / "pe"));
+  }
+  SECTION("a stated layout the shape does not fit") {
+    const auto cfg = small_moe();
+    test::write_checkpoint(s / "pe", cfg, test::toy_tensors(s.path(), cfg, 8));
+    run(s / "pe", s / "fused", Format::HfFused);
+    ConvertOptions o;
+    o.input = s / "fused";
+    o.output = s / "out";
+    o.to = Format::HfPerExpert;
+    o.fused_input = FusedInput::Transposed;
+    REQUIRE_ERROR_MENTIONS(convert_checkpoint(o), "model.layers.0.mlp.experts.gate_up_proj", "has shape [4, 12, 10]",
+                           "[E, H, 2I] = [4, 10, 12] (transposed fused, as --fused-input says)");
   }
   SECTION("I == H: down_proj fits both layouts") {
     const auto cfg = small_moe(6, 6);

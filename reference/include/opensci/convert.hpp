@@ -7,7 +7,8 @@
 //                  model.layers.{l}.mlp.experts.down_proj    [E, H, I]
 //                  As input, the transposed fused layout ([E, H, 2I] / [E, I, H], written by some
 //                  exporters) is recognised by shape and transposed; a shape that fits both
-//                  layouts (2I == H, or I == H) is refused as ambiguous.
+//                  layouts (2I == H, or I == H) is refused as ambiguous unless the input's
+//                  layout is stated (ConvertOptions::fused_input, CLI --fused-input).
 //   megatron       Megatron-core GPTModel names (TE spec), one directory per tensor-parallel rank:
 //                  DIR/config.json (the HF config) + DIR/mp_rank_{r:02d}/model[-*].safetensors.
 //                  linear_qkv is laid out per query group (the group's q heads, its k head, its v
@@ -51,6 +52,10 @@ Format format_from_name(std::string_view name);
 
 enum class MegatronExperts { Sequential, Grouped };  // local_experts.{j}.linear_fc1 / linear_fc1.weight{j}
 
+// Layout of fused HF expert tensors in the input: told apart by shape (Auto), or stated, which is
+// needed only when a shape fits both (2I == H or I == H) and Auto refuses to guess.
+enum class FusedInput { Auto, V5, Transposed };
+
 struct ConvertOptions {
   std::filesystem::path input;   // HF model directory, or a Megatron directory (has mp_rank_00/)
   std::filesystem::path output;  // created; must not exist or be empty
@@ -59,6 +64,7 @@ struct ConvertOptions {
   MegatronExperts megatron_experts = MegatronExperts::Sequential;
   std::filesystem::path config;  // HF config.json; default: input/config.json
   uint64_t max_shard_bytes = 0;  // split an output shard above this size; 0 = one per input shard
+  FusedInput fused_input = FusedInput::Auto;
 };
 
 struct ConvertReport {

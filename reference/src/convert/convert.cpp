@@ -316,27 +316,34 @@ void add_segments(Model& m, const InputSet& in, const TensorSpec& spec, int id, 
 }
 
 // Shape dispatch of a fused HF expert tensor: v5 [E, 2I, H] / [E, H, I] passes, the transposed
-// [E, H, 2I] / [E, I, H] is re-laid out, anything else (or a shape fitting both) is refused.
+// [E, H, 2I] / [E, I, H] is re-laid out, anything else is refused. A shape fitting both (2I == H,
+// or I == H) is refused too unless the caller said which layout the input uses.
 enum class FusedShape { V5, Transposed, Bad };
-FusedShape dispatch_fused(const TensorSpec& spec, const InputTensor& t, const InputSet& in, int id,
+FusedShape dispatch_fused(const TensorSpec& spec, const InputTensor& t, const InputSet& in, int id, FusedInput hint,
                           std::vector<std::string>& problems) {
   const auto& v5 = spec.shape;
   const std::vector<int64_t> tr = {v5[0], v5[2], v5[1]};
   const bool gate_up = spec.name.ends_with("gate_up_proj");
   const char* v5_sym = gate_up ? "[E, 2I, H]" : "[E, H, I]";
   const char* tr_sym = gate_up ? "[E, H, 2I]" : "[E, I, H]";
-  if (t.shape == v5 && t.shape == tr) {
+  const bool fits_v5 = t.shape == v5 && hint != FusedInput::Transposed;
+  const bool fits_tr = t.shape == tr && hint != FusedInput::V5;
+  if (fits_v5 && fits_tr) {
     problems.push_back(fmt::format(
         "tensor '{}' {} in {} is ambiguous: it fits both the v5 fused layout {} and the transposed layout {} because {} "
-        "== hidden_size; refusing to guess",
-        t.name, shape_str(t.shape), in.where(id), v5_sym, tr_sym, gate_up ? "2 * moe_intermediate_size" : "moe_intermediate_size"));
+        "== hidden_size; refusing to guess (say which with --fused-input v5 or --fused-input transposed)",
+        t.name, shape_str(t.shape), in.where(id), v5_sym, tr_sym,
+        gate_up ? "2 * moe_intermediate_size" : "moe_intermediate_size"));
     return FusedShape::Bad;
   }
-  if (t.shape == v5) return FusedShape::V5;
-  if (t.shape == tr) return FusedShape::Transposed;
-  problems.push_back(fmt::format("tensor '{}' in {} has shape {}; expected {} = {} (v5 fused) or {} = {} (transposed "
-                                 "fused)",
-                                 t.name, in.where(id), shape_str(t.shape), v5_sym, shape_str(v5), tr_sym, shape_str(tr)));
+  if (fits_v5) return FusedShape::V5;
+  if (fits_tr) return FusedShape::Transposed;
+  const auto expected = hint == FusedInput::V5           ? fmt::format("{} = {} (v5 fused, as --fused-input says)", v5_sym, shape_str(v5))
+                        : hint == FusedInput::Transposed ? fmt::format("{} = {} (transposed fused, as --fused-input says)", tr_sym, shape_str(tr))
+                                                         : fmt::format("{} = {} (v5 fused) or {} = {} (transposed fused)",
+                                                                       v5_sym, shape_str(v5), tr_sym, shape_str(tr));
+  problems.push_back(
+      fmt::format("tensor '{}' in {} has shape {}; expected {}", t.name, in.where(id), shape_str(t.shape), expected));
   return FusedShape::Bad;
 }
 
@@ -396,7 +403,7 @@ MegatronExperts megatron_input_experts(const InputSet& in, std::vector<std::stri
   return grp.empty() ? MegatronExperts::Sequential : MegatronExperts::Grouped;
 }
 
-Model read_model(const InputSet& in, const ModelConfig& config, std::vector<std::string>& problems) {
+Model read_model(const InputSet& in, const ModelConfig& config, FusedInput hint, std::vector<std::string>& problems) {
   Model m;
   m.config = config;
   for (const auto& [name, shape] : expected_parameters(config, ExpertLayout::PerExpert)) {
@@ -448,7 +455,7 @@ Model read_model(const InputSet& in, const ModelConfig& config, std::vector<std:
     const auto& t = in.tensors[static_cast<size_t>(id)];
     const bool fused = !in.megatron && (spec.name.ends_with("experts.gate_up_proj") || spec.name.ends_with("experts.down_proj"));
     if (fused) {
-      switch (dispatch_fused(spec, t, in, id, problems)) {
+      switch (dispatch_fused(spec, t, in, id, hint, problems)) {
         case FusedShape::V5: add_segments(m, in, spec, id, problems); break;
         case FusedShape::Transposed:
           add_transposed(m, in, spec, id);
@@ -798,7 +805,7 @@ ConvertReport convert_checkpoint(const ConvertOptions& o) {
   std::vector<std::string> problems;
   const auto in = read_inputs(o.input, problems);
   if (!problems.empty()) throw_problems("convert " + o.input.string(), problems);
-  auto model = read_model(in, config, problems);
+  auto model = read_model(in, config, o.fused_input, problems);
   if (!problems.empty()) throw_problems("convert " + o.input.string(), problems);
   canonical_steps(model, in);
 
