@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MoE layout and forward check against real transformers (see tests/moe/README.md).
 #
-#   check_transformers.sh --cli BUILD/harness/opensci-compat [--rootfs DIR] [--keep]
+#   check_transformers.sh --cli BUILD/harness/opensci-compat [--spec ENV_SPEC_JSON] [--keep]
 #
 # For toy_configs/qwen3-moe.json (native qwen3_moe) and toy_configs/opensci-moe.json (remote code):
 #   1. a deterministic per-expert toy, re-sharded so that a layer's experts straddle shards;
@@ -15,44 +15,38 @@
 #      identical argmax at every token position; transformers in fp64 vs golden: <= 1e-6;
 #   5. opensci_moe: logits unchanged after poisoning the inv_freq buffers (hazard H3);
 #   6. qwen3_moe in BF16: transformers' loaded state dict equals our BF16 fused output.
-# Exit status: 0 all passed, 1 a check failed, 77 skipped (not root, or no rootfs).
+# Exit status: 0 all passed, 1 a check failed, 77 skipped (the environment is unavailable here).
 set -uo pipefail
 
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
-ROOTFS=${OPENSCI_MOE_ROOTFS:-/var/cache/opensci-compat-manual/rootfs}
 CLI=""
+SPEC='{"provider":"debian-rootfs","suite":"sid"}'
 KEEP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --cli) CLI=$2; shift 2 ;;
-    --rootfs) ROOTFS=$2; shift 2 ;;
+    --spec) SPEC=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    *) echo "usage: $0 --cli PATH/opensci-compat [--rootfs DIR] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: $0 --cli PATH/opensci-compat [--spec ENV_SPEC_JSON] [--keep]" >&2; exit 2 ;;
   esac
 done
 [ -x "$CLI" ] || { echo "error: --cli '$CLI' is not an executable opensci-compat" >&2; exit 2; }
 CLI=$(cd "$(dirname "$CLI")" && pwd)/$(basename "$CLI")
-if [ "$(id -u)" != 0 ]; then echo "SKIP: needs root (unshare -m, chroot into $ROOTFS)"; exit 77; fi
-if [ ! -x "$ROOTFS/usr/bin/python3" ]; then echo "SKIP: no transformers rootfs at $ROOTFS"; exit 77; fi
+# The environment is the matrix's (provisioned by the env/ fixture); unavailable here -> skip.
+if ! status=$("$CLI" env status --spec "$SPEC" 2>&1); then
+  echo "SKIP: transformers environment unavailable: $(printf '%s' "$status" | grep -m1 reason)"
+  exit 77
+fi
 
 WORK=$(mktemp -d /tmp/opensci-moe-check.XXXXXX)
-CREATED_MOUNTPOINTS=()
-for d in "$SRC" "$WORK"; do
-  if [ ! -d "$ROOTFS$d" ]; then mkdir -p "$ROOTFS$d" && CREATED_MOUNTPOINTS+=("$ROOTFS$d"); fi
-done
 cleanup() {
-  for d in "${CREATED_MOUNTPOINTS[@]}"; do rmdir "$d" 2>/dev/null; done
   if [ "$KEEP" = 1 ]; then echo "work directory kept: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
-# python3 inside the rootfs, in a private mount namespace, SRC and WORK bind-mounted at the same path.
+# python3 inside the environment (clean, offline), SRC and WORK visible at the same paths.
 in_rootfs() {
-  unshare -m --propagation private sh -c '
-    R=$0; S=$1; W=$2; shift 3
-    mount -t proc proc "$R/proc" && mount --bind "$S" "$R$S" && mount --bind "$W" "$R$W" &&
-      exec chroot "$R" env HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HOME=/tmp python3 "$@"' \
-    "$ROOTFS" "$SRC" "$WORK" -- "$@"
+  "$CLI" env run --spec "$SPEC" --dir "$SRC" --dir "$WORK" --timeout 900 -- "$@"
 }
 
 CAPTURE=$SRC/harness/python/capture.py
@@ -87,7 +81,7 @@ cat >"$WORK/tokens.json" <<'EOF'
  "attention_mask": [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
                     [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]]}
 EOF
-echo "transformers check: capture script $CAPTURE, rootfs $ROOTFS, work $WORK"
+echo "transformers check: capture script $CAPTURE, environment $SPEC, work $WORK"
 in_rootfs -c 'import transformers, torch; print("transformers", transformers.__version__, "torch", torch.__version__)' \
   | tee -a "$SUMMARY"
 
