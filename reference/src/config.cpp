@@ -108,7 +108,11 @@ ModelConfig parse_config(const json& j, const std::string& source) {
   c.num_heads = required_int(j, "num_attention_heads", source);
   const bool moe = c.lineage == Lineage::Qwen3Moe || c.lineage == Lineage::OpenSciMoe;
   // Qwen3MoeConfig defaults an absent key to 4 (an explicit null means "same as heads").
-  const int64_t kv_default = c.lineage == Lineage::Qwen3Moe && !j.contains("num_key_value_heads") ? 4 : c.num_heads;
+  // Qwen3Config defaults an absent key to 32, Qwen3MoeConfig to 4 (an explicit null means "same as heads").
+  const bool kv_absent = !j.contains("num_key_value_heads");
+  const int64_t kv_default = kv_absent && c.lineage == Lineage::Qwen3Moe ? 4
+                             : kv_absent && c.lineage == Lineage::Qwen3  ? 32
+                                                                         : c.num_heads;
   c.num_kv_heads = optional_int(j, "num_key_value_heads", kv_default, source);
   if (c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0)
     fail("{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", source, c.num_heads, c.num_kv_heads);
@@ -118,7 +122,10 @@ ModelConfig parse_config(const json& j, const std::string& source) {
     if (c.hidden_size % c.num_heads != 0)
       fail("{}: no head_dim and hidden_size {} is not divisible by num_attention_heads {}", source, c.hidden_size,
            c.num_heads);
-    c.head_dim = c.hidden_size / c.num_heads;
+    // The Qwen3 config classes (and the OpenSci-Qwen3 one built on them) default head_dim to 128;
+    // open-sci-ref (Llama-derived) uses hidden / heads.
+    const bool qwen3_class = c.lineage == Lineage::Qwen3 || c.lineage == Lineage::OpenSciQwen3 || c.lineage == Lineage::Qwen3Moe;
+    c.head_dim = qwen3_class ? 128 : c.hidden_size / c.num_heads;
   }
   if (c.head_dim % 2 != 0) fail("{}: head_dim {} must be even for rotate-half RoPE", source, c.head_dim);
   c.max_position_embeddings = optional_int(j, "max_position_embeddings", 4096, source);
@@ -130,7 +137,8 @@ ModelConfig parse_config(const json& j, const std::string& source) {
   // Native Qwen3 / Qwen3-MoE MLPs are bias-free whatever the config says (bias=False in transformers).
   c.mlp_bias = opensci ? optional_bool(j, "mlp_bias", true, source) : false;
   c.qk_norm = c.lineage == Lineage::OpenSciRef ? optional_bool(j, "qk_layernorm", false, source) : true;
-  c.tie_word_embeddings = optional_bool(j, "tie_word_embeddings", opensci, source);
+  // OpenSci-Qwen3's config class inherits Qwen3Config's tie_word_embeddings=False.
+  c.tie_word_embeddings = optional_bool(j, "tie_word_embeddings", opensci && c.lineage != Lineage::OpenSciQwen3, source);
   c.initializer_range = optional_number(j, "initializer_range", 0.02, source);
 
   if (moe) {

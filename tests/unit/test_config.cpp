@@ -40,11 +40,17 @@ TEST_CASE("lineage rule and defaults") {
   CHECK(c.mlp_bias);            // opensci default
   CHECK(c.rms_norm_eps == 1e-5);  // open-sci-ref default
   j.erase("qk_layernorm");
+  j.erase("tie_word_embeddings");
   c = parse_config(j, "cfg.json");
   CHECK(c.lineage == Lineage::OpenSciQwen3);
+  CHECK(c.head_dim == 128);               // Qwen3Config's default, not hidden / heads
+  CHECK_FALSE(c.tie_word_embeddings);     // Qwen3Config's default
   CHECK(c.qk_norm);
   CHECK(c.k_norm_name() == "k_norm");
   j["model_type"] = "qwen3";
+  // Native qwen3 takes Qwen3Config's num_key_value_heads default (32), which 4 heads cannot use.
+  REQUIRE_ERROR_MENTIONS(parse_config(j, "cfg.json"), "num_key_value_heads 32");
+  j["num_key_value_heads"] = 2;
   CHECK_FALSE(parse_config(j, "cfg.json").mlp_bias);
 }
 

@@ -11,14 +11,15 @@
 //     q_norm/k_norm always, q/k/v/o biases when attention_bias, and `mlp_bias` on the dense
 //     (mlp_only_layers / decoder_sparse_step) layers as in the OpenSci-Qwen3 lineage.
 // Defaults (used only when a key is absent; each is the value the model was trained with):
-//   num_key_value_heads = num_attention_heads (qwen3_moe: 4, Qwen3MoeConfig's default);
-//   head_dim = hidden_size / num_attention_heads;
+//   num_key_value_heads = num_attention_heads (qwen3: 32, qwen3_moe: 4, their config classes' defaults);
+//   head_dim = hidden_size / num_attention_heads for open-sci-ref, 128 for the Qwen3 config classes
+//   (qwen3, qwen3_moe and the OpenSci-Qwen3 lineage);
 //   rms_norm_eps = 1e-6 (Qwen3 family) / 1e-5 (open-sci-ref); rope_theta = 10000;
 //   attention_bias = false; mlp_bias = true for "opensci" / "opensci_moe";
-//   tie_word_embeddings = true for the OpenSci remote code (the 4.x PretrainedConfig default the
+//   tie_word_embeddings = true for open-sci-ref and opensci_moe remote code (the 4.x PretrainedConfig default the
 //   published models rely on; see hazard H5 — transformers 5.x changed it, so our toy configs
-//   always write the key), false for native "qwen3" / "qwen3_moe" (their config classes'
-//   default in 4.51+ and 5.x).
+//   always write the key), false for native "qwen3" / "qwen3_moe" and the OpenSci-Qwen3 lineage
+//   (Qwen3Config's default in 4.51+ and 5.x).
 // MoE keys (Qwen3-MoE semantics; "qwen3_moe" and "opensci_moe"):
 //   num_experts (4.x spelling) or num_local_experts (5.x spelling, hazard H13) — both present
 //   and different is an error; num_experts_per_tok (top-k), moe_intermediate_size (I of one
