@@ -253,6 +253,8 @@ def describe_model(model, prov):
         key = str(p.dtype).replace("torch.", "")
         dtypes[key] = dtypes.get(key, 0) + 1
     prov["parameter_dtypes"] = dtypes
+    # What the model actually ran in (the diagnosis compares it with the requested dtype: H6).
+    prov["effective_dtype"] = "+".join(sorted(dtypes)) if dtypes else None
     prov["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     prov["lm_head_tied"] = bool(out_emb is not None and out_emb.weight.data_ptr() == in_emb.weight.data_ptr())

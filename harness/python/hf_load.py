@@ -42,11 +42,42 @@ def library_versions():
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "transformers_file": getattr(transformers, "__file__", None),
         "numpy": numpy_version,
         "platform": platform.platform(),
         "machine": platform.machine(),
         "executable": sys.executable,
+        # Where the dependencies came from matters for overlay environments (a transformers
+        # source tree + pure-Python dependencies first on the path): record what was imported,
+        # its distribution metadata (None = importable without metadata, so transformers'
+        # import-time pin check skipped it), and the pins transformers checked.
+        "dependencies": {name: _module_record(name) for name in ("huggingface_hub", "tokenizers", "safetensors")},
+        "transformers_pins": _transformers_pins(("tokenizers", "huggingface-hub", "safetensors")),
     }
+
+
+def _module_record(name):
+    import importlib
+    import importlib.metadata
+
+    try:
+        module = importlib.import_module(name)
+    except Exception as e:  # not installed, or broken: both are facts worth recording
+        return {"importable": False, "error": f"{type(e).__name__}: {e}"}
+    try:
+        metadata_version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        metadata_version = None
+    return {"importable": True, "version": getattr(module, "__version__", None),
+            "metadata_version": metadata_version, "file": getattr(module, "__file__", None)}
+
+
+def _transformers_pins(names):
+    try:
+        from transformers.dependency_versions_table import deps
+    except Exception:
+        return None
+    return {n: deps.get(n) for n in names}
 
 
 def read_config_json(model_dir):
