@@ -3,10 +3,39 @@
 #include <fmt/ranges.h>
 
 #include "opensci/error.hpp"
+#if defined(OPENSCI_HAVE_GPU_FORWARD)
+#include "opensci/gpu/forward.hpp"
+#endif
+#if defined(OPENSCI_HAVE_LIBTORCH)
+#include "opensci/libtorch/forward.hpp"
+#endif
 
 namespace opensci::harness {
+namespace {
 
-std::vector<std::string> available_backends() { return {"cpu"}; }
+// The GPU backend's name is its platform: "cuda", "hip", or "emulation" (host-thread device).
+[[maybe_unused]] std::string gpu_backend_name() {
+#if defined(OPENSCI_GPU_CUDA)
+  return "cuda";
+#elif defined(OPENSCI_GPU_HIP)
+  return "hip";
+#else
+  return "emulation";
+#endif
+}
+
+}  // namespace
+
+std::vector<std::string> available_backends() {
+  std::vector<std::string> names{"cpu"};
+#if defined(OPENSCI_HAVE_LIBTORCH)
+  names.push_back("libtorch");
+#endif
+#if defined(OPENSCI_HAVE_GPU_FORWARD)
+  names.push_back(gpu_backend_name());
+#endif
+  return names;
+}
 
 ForwardResult run_reference(const std::string& backend, const Checkpoint& ck, const TokenBatch& tokens,
                             const std::string& precision, bool capture_hidden) {
@@ -15,7 +44,31 @@ ForwardResult run_reference(const std::string& backend, const Checkpoint& ck, co
       fail("backend cpu runs precision fp64 (golden) or fp32 (fast), not '{}'", precision);
     return forward(ck, tokens, {precision == "fp64" ? Precision::Golden : Precision::Fast, capture_hidden});
   }
-  fail("reference backend '{}' is not built into this binary (available: {})", backend,
+#if defined(OPENSCI_HAVE_LIBTORCH)
+  if (backend == "libtorch") {  // on the GPU when this libtorch has one, else on the CPU
+    if (precision != "fp64" && precision != "fp32" && precision != "bf16")
+      fail("backend libtorch runs precision fp64, fp32 or bf16, not '{}'", precision);
+    libtorch::TorchForwardOptions o;
+    o.dtype = precision;
+    o.device = libtorch::cuda_available() ? "cuda" : "cpu";
+    o.capture_hidden = capture_hidden;
+    return libtorch::forward(ck, tokens, o);
+  }
+#endif
+#if defined(OPENSCI_HAVE_GPU_FORWARD)
+  if (backend == gpu_backend_name()) {
+    if (precision != "fp32" && precision != "bf16")
+      fail("backend {} runs precision fp32 or bf16, not '{}'", backend, precision);
+    gpu::GpuForwardOptions o;
+    o.dtype = precision == "bf16" ? gpu::DType::BF16 : gpu::DType::F32;
+    return gpu::forward(ck, tokens, o, capture_hidden);
+  }
+#endif
+  const std::string option = backend == "libtorch" ? " (configure with -DOPENSCI_WITH_LIBTORCH=ON)"
+                             : backend == "cuda"   ? " (configure a separate build with -DOPENSCI_WITH_CUDA=ON)"
+                             : backend == "hip"    ? " (configure a separate build with -DOPENSCI_WITH_HIP=ON)"
+                                                   : "";
+  fail("reference backend '{}' is not built into this binary{}; available: {}", backend, option,
        fmt::join(available_backends(), ", "));
 }
 

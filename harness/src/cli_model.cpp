@@ -1,12 +1,14 @@
 // `toy` and `forward`: deterministic checkpoints and the reference forward pass.
 #include <fmt/core.h>
 
+#include <map>
 #include <memory>
 #include <sstream>
 
 #include "commands.hpp"
 #include "opensci/error.hpp"
 #include "opensci/forward.hpp"
+#include "opensci/harness/backends.hpp"
 #include "opensci/harness/toy.hpp"
 
 namespace opensci::cli {
@@ -49,7 +51,7 @@ void add_toy_command(CLI::App& app) {
 
 void add_forward_command(CLI::App& app) {
   struct Args {
-    std::string model, tokens, tokens_file, dtype = "fp64", out;
+    std::string model, tokens, tokens_file, dtype = "fp64", out, backend = "cpu";
     bool hidden = false;
   };
   auto a = std::make_shared<Args>();
@@ -57,7 +59,10 @@ void add_forward_command(CLI::App& app) {
   cmd->add_option("--model", a->model, "model directory")->required();
   auto* tok = cmd->add_option("--tokens", a->tokens, "comma-separated token ids (one row)");
   cmd->add_option("--tokens-file", a->tokens_file, "JSON with input_ids, attention_mask[, position_ids]")->excludes(tok);
-  cmd->add_option("--dtype", a->dtype, "fp64 (golden) or fp32 (fast)")->check(CLI::IsMember({"fp64", "fp32"}));
+  cmd->add_option("--dtype", a->dtype, "fp64 (golden) or fp32 (fast); bf16 on libtorch/cuda/hip")
+      ->check(CLI::IsMember({"fp64", "fp32", "bf16"}));
+  cmd->add_option("--backend", a->backend,
+                  "cpu (the reference), libtorch, cuda or hip: those built into this binary (see kernels/README.md)");
   cmd->add_option("--out", a->out, "output safetensors")->required();
   cmd->add_flag("--hidden-states", a->hidden, "also write per-layer tensors");
   cmd->callback([a] {
@@ -65,12 +70,11 @@ void add_forward_command(CLI::App& app) {
     const auto batch =
         a->tokens_file.empty() ? TokenBatch::from_list(parse_token_list(a->tokens)) : TokenBatch::from_json_file(a->tokens_file);
     const Checkpoint ck(a->model);
-    ForwardOptions opt;
-    opt.precision = a->dtype == "fp64" ? Precision::Golden : Precision::Fast;
-    opt.capture_hidden = a->hidden;
-    const auto result = forward(ck, batch, opt);
-    write_forward_result(result, batch, a->out,
-                         {{"producer", "opensci-compat reference"}, {"dtype", a->dtype}, {"device", "cpu"}});
+    const auto result = harness::run_reference(a->backend, ck, batch, a->dtype, a->hidden);
+    std::map<std::string, std::string> metadata{
+        {"producer", "opensci-compat reference"}, {"dtype", a->dtype}, {"backend", a->backend}};
+    if (a->backend == "cpu") metadata["device"] = "cpu";
+    write_forward_result(result, batch, a->out, metadata);
     fmt::print("wrote {} (logits [{}, {}, {}])\n", a->out, result.batch, result.seq, result.vocab);
   });
 }

@@ -1,4 +1,5 @@
-// Reference backends by name: the CPU reference always; libtorch, CUDA and HIP when built in.
+// Reference backends by name: the CPU reference always; "libtorch" (backends/libtorch) and the
+// GPU forward (kernels/: "cuda", "hip", or "emulation") when this binary was built with them.
 #pragma once
 
 #include <string>
@@ -8,7 +9,7 @@
 
 namespace opensci::harness {
 
-// precision: "fp64" (golden, CPU only), "fp32", "bf16" (GPU backends).
+// precision: "fp64" (golden: cpu; libtorch too), "fp32", "bf16" (libtorch and GPU backends).
 ForwardResult run_reference(const std::string& backend, const Checkpoint& checkpoint, const TokenBatch& tokens,
                             const std::string& precision, bool capture_hidden);
 
