@@ -110,7 +110,7 @@ std::vector<Finding> diagnose_comparison(const Comparison& cmp, const Tolerance&
                                          const nlohmann::json& provenance, const std::string& requested_dtype) {
   std::vector<Finding> out;
   const auto effective = provenance.value("effective_dtype", std::string());
-  if (!effective.empty() && effective.find(requested_dtype) == std::string::npos)
+  if (!effective.empty() && effective != requested_dtype)  // "bfloat16+float32" (mixed) is not float32 either
     out.push_back({"H6", "model ran in another dtype than requested",
                    fmt::format("requested {}, parameters were {} after loading", requested_dtype, effective)});
   if (cmp.passed()) return out;

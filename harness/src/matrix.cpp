@@ -119,7 +119,11 @@ Matrix load_matrix(const fs::path& file) {
       for (const auto& model_name : string_list(cj, "models", where)) {
         if (!m.models.count(model_name)) fail("{}: cell names model '{}', which is not declared", where, model_name);
         const auto& model = m.models.at(model_name);
-        for (const auto& patch_name : env.patch_sets)
+        // A cell may name its own patch sets (static patches only fit the fixtures they were written for).
+        const auto cell_patches = cj.contains("patch_sets") ? string_list(cj, "patch_sets", where) : env.patch_sets;
+        for (const auto& ps : cell_patches)
+          if (!m.patch_sets.count(ps)) fail("{}: cell uses patch set '{}', which is not declared", where, ps);
+        for (const auto& patch_name : cell_patches)
         for (const auto& rj : cj.at("reference")) {
           MatrixCell c;
           c.env = &env;
@@ -158,7 +162,8 @@ Matrix load_matrix(const fs::path& file) {
 
 fs::path model_dir(const EmitOptions& o, const MatrixModel& m) { return o.work / "models" / m.name; }
 fs::path model_dir(const EmitOptions& o, const MatrixCell& c) {
-  return c.patch->static_patch.empty() ? model_dir(o, *c.model) : o.work / "models" / c.variant;
+  // Not "<model>+<patch>": transformers derives a module name from the directory name.
+  return c.patch->static_patch.empty() ? model_dir(o, *c.model) : o.work / "patched" / c.model->name / c.patch->name;
 }
 fs::path capture_dir(const EmitOptions& o, const MatrixCell& c) { return o.work / "captures" / c.capture_name; }
 fs::path result_file(const EmitOptions& o, const MatrixCell& c) {
