@@ -38,7 +38,12 @@ Row row_of(const json& r) {
   } else {
     row.max_abs = row.top1 = "-";
   }
-  if (r.contains("diagnosis") && r["diagnosis"].contains("findings") && !r["diagnosis"]["findings"].empty()) {
+  if (row.verdict == "pass") {
+    // A passing cell's findings are latent (e.g. a garbage inv_freq buffer the code never reads).
+    row.diagnosis = str(r, "summary");
+    if (r.contains("diagnosis") && r["diagnosis"].contains("hazard") && r["diagnosis"]["hazard"].is_string())
+      row.diagnosis += " (latent " + r["diagnosis"]["hazard"].get<std::string>() + ": output unaffected)";
+  } else if (r.contains("diagnosis") && r["diagnosis"].contains("findings") && !r["diagnosis"]["findings"].empty()) {
     const auto& f = r["diagnosis"]["findings"][0];
     const auto hazard = str(f, "hazard");
     row.diagnosis = (hazard.empty() ? "" : hazard + ": ") + str(f, "title");
