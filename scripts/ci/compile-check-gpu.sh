@@ -59,7 +59,7 @@ check_tests() {
     echo "compile-check-gpu: '$label' tests in $dir: $passed passed, $skipped not run, of $total: some failed" >&2
     return 1
   fi
-  echo "  tests ($label): $total collected, $passed passed, $skipped not run (no device)"
+  echo "  tests ($label): $total collected, $passed passed, $skipped not run (no device: exit 77)"
 }
 
 build_variant() {
@@ -96,7 +96,7 @@ for variant in "${variants[@]}"; do
         status=1
         continue
       fi
-      version=$("$nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+      version=$("$nvcc" --version | sed -n 's/.*release [0-9.]*, V\([0-9.]*\).*/\1/p')
       dir=${OPENSCI_BUILD_DIR_CUDA:-build-cuda}
       archs=${OPENSCI_CUDA_ARCHITECTURES:-80;90}
       if build_variant cuda "$dir" -DOPENSCI_WITH_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" \
