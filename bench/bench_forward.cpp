@@ -48,6 +48,7 @@ int main(int argc, char** argv) {
   int64_t seq = 128, batch = 1;
   int threads = static_cast<int>(std::thread::hardware_concurrency()), repeats = 5;
   bool no_torch = false;
+  std::string torch_blas_threads;
   app.add_option("--work", work, "model and scratch dir (the random-weight model is cached here)");
   app.add_option("--config", config, "config.json of the benchmarked shape");
   app.add_option("--seq", seq, "prefill length");
@@ -57,6 +58,9 @@ int main(int argc, char** argv) {
   app.add_option("--env-spec", spec_text, "environment for transformers (default: the Debian sid rootfs)");
   app.add_option("--json", json_out, "write the figures as JSON");
   app.add_flag("--no-torch", no_torch, "reference only");
+  app.add_option("--torch-blas-threads", torch_blas_threads,
+                 "OPENBLAS_NUM_THREADS for the torch side (torch's OpenMP threads and OpenBLAS's own pool "
+                 "oversubscribe small machines; measure both settings)");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -116,6 +120,7 @@ int main(int argc, char** argv) {
       const auto run_dir = fs::path(work) / "torch-run";
       auto extra = harness::private_run_env(run_dir);
       extra["OMP_NUM_THREADS"] = std::to_string(threads);
+      if (!torch_blas_threads.empty()) extra["OPENBLAS_NUM_THREADS"] = torch_blas_threads;
       const auto torch_json = fs::path(work) / "torch.json";
       fs::remove(torch_json);
       auto proc_spec = env.python(OPENSCI_SOURCE_DIR "/harness/python/bench_forward.py",

@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libfmt-dev nlohmann-json3-dev libcli11-dev catch2 libbenchmark-dev
-  libopenblas-dev
+  libopenblas-dev libopenblas-openmp-dev   # one OpenMP pool for BLAS and our ops (see CMakeLists.txt)
   debootstrap        # builds the Debian sid environment (real transformers 5.12.1 + torch)
   util-linux         # unshare: private mount namespaces for the rootfs environment
   python3            # the 'system' environment provider's tests
