@@ -7,7 +7,7 @@ build=${OPENSCI_BUILD_DIR:-build}
 jobs=${OPENSCI_JOBS:-$(nproc)}
 
 bash scripts/install-deps.sh
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOPENSCI_WITH_LIBTORCH=ON
 cmake --build "$build" -j "$jobs"
 ctest --test-dir "$build" -L matrix -j "$jobs" --timeout 3600 || true
 exec "$build/harness/opensci-compat" report --results "$build/matrix/results" \

@@ -8,7 +8,7 @@ build=${OPENSCI_BUILD_DIR:-build}
 jobs=${OPENSCI_JOBS:-$(nproc)}
 
 bash scripts/install-deps.sh
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOPENSCI_WARNINGS_AS_ERRORS=ON
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOPENSCI_WARNINGS_AS_ERRORS=ON -DOPENSCI_WITH_LIBTORCH=ON
 cmake --build "$build" -j "$jobs"
 
 # Guard: a suite that collects no tests, or no matrix cells, must not look green.
@@ -21,8 +21,17 @@ if [ "${total:-0}" -eq 0 ] || [ "${cells:-0}" -eq 0 ]; then
 fi
 
 status=0
-ctest --test-dir "$build" --output-on-failure -j "$jobs" --timeout 3600 --output-junit junit.xml || status=$?
+# GPU backends: CUDA and HIP compile-and-link checks (no device here: their tests must report
+# Not Run), and the same kernels executed on the host-thread emulator.
+bash scripts/ci/compile-check-gpu.sh cuda hip emulation || status=1
+
+ctest --test-dir "$build" --output-on-failure -j "$jobs" --timeout 3600 --output-junit junit.xml \
+  2>&1 | tee "$build/ctest.log" || true
+ctest_status=${PIPESTATUS[0]}
+((ctest_status == 0)) || status=$ctest_status
 # The matrix as a table (cells that ran, failed or were not run, with their reasons).
 "$build/harness/opensci-compat" report --results "$build/matrix/results" \
   --markdown "$build/matrix/report.md" --html "$build/matrix/report.html" || true
+# CTest's verdict last, so it is the closing summary of this run.
+grep -E "tests passed|tests failed out of" "$build/ctest.log" | tail -1
 exit $status

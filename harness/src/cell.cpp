@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -122,6 +123,24 @@ int run_cell(const CellOptions& o) {
       diagnosis.findings.push_back(f);
     for (auto& f : diagnose_comparison(cmp, tol, ck.config(), provenance, outcome.value("dtype", std::string("float32"))))
       diagnosis.findings.push_back(f);
+    // Torch numerics vs modeling code: the same forward through ATen ops from C++ (no
+    // transformers, no remote code). If it matches the reference, the fault is in the modeling code.
+    const auto backends = available_backends();
+    if (!passed && o.backend != "libtorch" && std::find(backends.begin(), backends.end(), "libtorch") != backends.end()) {
+      const auto lt = run_reference("libtorch", ck, tokens, "fp32", false);
+      const auto lt_path = fs::path(o.result).replace_extension(".libtorch.safetensors");
+      write_forward_result(lt, tokens, lt_path, {{"producer", "opensci-compat libtorch backend"}});
+      const auto lt_cmp = compare_outputs(lt_path, ref_path, tol);
+      result["libtorch_vs_reference"] = to_json(lt_cmp, tol);
+      diagnosis.findings.push_back(
+          lt_cmp.passed()
+              ? Finding{"", "torch numerics agree with the reference: the fault is in the modeling code",
+                        fmt::format("the same forward through libtorch (ATen ops, no transformers) is within tolerance "
+                                    "of the reference (max|Δlogit| {:.2e}), transformers is not",
+                                    lt_cmp.max_abs)}
+              : Finding{"", "libtorch differs from the reference too: torch numerics, not only modeling code",
+                        fmt::format("libtorch vs reference max|Δlogit| {:.2e}", lt_cmp.max_abs)});
+    }
     summary = passed ? fmt::format("max|Δlogit| {:.2e} <= {:.0e}, top-1 {:.3f}", cmp.max_abs, tol.logits_max_abs, cmp.top1_agreement)
                      : fmt::format("{}", fmt::join(cmp.failures, "; "));
   }
