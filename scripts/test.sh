@@ -25,9 +25,10 @@ status=0
 # Not Run), and the same kernels executed on the host-thread emulator.
 bash scripts/ci/compile-check-gpu.sh cuda hip emulation || status=1
 
-ctest --test-dir "$build" --output-on-failure -j "$jobs" --timeout 3600 --output-junit junit.xml \
-  2>&1 | tee "$build/ctest.log" || true
+set +e
+ctest --test-dir "$build" --output-on-failure -j "$jobs" --timeout 3600 --output-junit junit.xml 2>&1 | tee "$build/ctest.log"
 ctest_status=${PIPESTATUS[0]}
+set -e
 ((ctest_status == 0)) || status=$ctest_status
 # The matrix as a table (cells that ran, failed or were not run, with their reasons).
 "$build/harness/opensci-compat" report --results "$build/matrix/results" \
