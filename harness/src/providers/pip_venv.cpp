@@ -1,5 +1,7 @@
 // venv and uv: a virtual environment per transformers version, installed with pip (python3 -m venv)
 // or uv (uv venv + uv pip install), from an index URL or an offline wheel directory.
+#include <chrono>
+#include <ctime>
 #include <fmt/core.h>
 #include <fmt/format.h>
 #include <stdlib.h>
@@ -33,13 +35,22 @@ class PipProvider final : public CachedProvider {
     python_ = r.str("python", uv_ ? "" : "/usr/bin/python3");
     index_url_ = r.str("index_url");
     find_links_ = r.str("find_links");
+    // "latest": unpinned, resolved once per UTC day (the day is part of the cache key), so a
+    // nightly matrix follows new releases without reinstalling on every run.
+    if (transformers_ == "latest") {
+      const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+      std::tm tm{};
+      gmtime_r(&now, &tm);
+      resolved_on_ = fmt::format("{:04}-{:02}-{:02}", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday);
+    }
   }
 
   std::string kind() const override { return uv_ ? "uv" : "venv"; }
   std::string id() const override { return kind() + "-transformers-" + sanitize_id(transformers_); }
   nlohmann::json request() const override {
     return {{"provider", kind()}, {"transformers", transformers_}, {"torch", torch_},           {"packages", packages_},
-            {"python", python_},  {"index_url", index_url_},       {"find_links", find_links_}, {"recipe", kRecipe}};
+            {"python", python_},  {"index_url", index_url_},       {"find_links", find_links_}, {"recipe", kRecipe},
+            {"resolved_on", resolved_on_}};
   }
 
   Availability probe() const override {
@@ -105,7 +116,7 @@ class PipProvider final : public CachedProvider {
       source.insert(source.end(), {"--find-links", find_links_});
     }
     if (!index_url_.empty()) source.insert(source.end(), {"--index-url", index_url_});
-    std::vector<std::string> requirements = {"transformers==" + transformers_};
+    std::vector<std::string> requirements = {transformers_ == "latest" ? "transformers" : "transformers==" + transformers_};
     if (torch_.empty())
       requirements.push_back("torch");
     else if (std::isdigit(static_cast<unsigned char>(torch_[0])))
@@ -253,6 +264,7 @@ class PipProvider final : public CachedProvider {
   bool uv_;
   std::string pip_;
   std::string transformers_, torch_, python_, index_url_, find_links_;
+  std::string resolved_on_;  // UTC day for "latest", else empty
   std::vector<std::string> packages_;
 };
 
