@@ -155,10 +155,18 @@ std::string render_table(const std::vector<json>& results) {
 
 std::string render_markdown(const std::vector<json>& results) {
   std::string out = "# opensci-compat matrix\n\n| cell | transformers | reference | expect | verdict | max\\|Δlogit\\| | top-1 | diagnosis |\n|---|---|---|---|---|---|---|---|\n";
+  auto cell = [](const std::string& s) {  // a '|' inside a cell would split the Markdown table
+    std::string out;
+    for (char ch : s) {
+      if (ch == '|') out.push_back('\\');
+      out.push_back(ch);
+    }
+    return out;
+  };
   for (const auto& r : results) {
     const auto row = row_of(r);
     out += fmt::format("| `{}` | {} | {} | {} | **{}** | {} | {} | {} |\n", row.cell, row.version, row.reference, row.expect,
-                       row.verdict, row.max_abs, row.top1, row.diagnosis);
+                       row.verdict, row.max_abs, row.top1, cell(row.diagnosis));
   }
   const auto n = count_verdicts(results);
   out += fmt::format("\n{} cells: {} pass, {} expected failures, {} fail, {} unexpected pass, {} not run.\n", results.size(),
