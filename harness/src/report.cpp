@@ -156,12 +156,12 @@ std::string render_table(const std::vector<json>& results) {
 std::string render_markdown(const std::vector<json>& results) {
   std::string out = "# opensci-compat matrix\n\n| cell | transformers | reference | expect | verdict | max\\|Δlogit\\| | top-1 | diagnosis |\n|---|---|---|---|---|---|---|---|\n";
   auto cell = [](const std::string& s) {  // a '|' inside a cell would split the Markdown table
-    std::string out;
+    std::string escaped;
     for (char ch : s) {
-      if (ch == '|') out.push_back('\\');
-      out.push_back(ch);
+      if (ch == '|') escaped.push_back('\\');
+      escaped.push_back(ch);
     }
-    return out;
+    return escaped;
   };
   for (const auto& r : results) {
     const auto row = row_of(r);
