@@ -45,9 +45,7 @@ std::string check_capture_output(const fs::path& output, const fs::path& tokens_
         return fmt::format("'{}' is {} {}, expected I64 [{}, {}]", name, dtype_name(t.dtype), shape_str(t.shape),
                            batch.batch, batch.seq);
     }
-    std::vector<int64_t> ids(static_cast<size_t>(batch.batch * batch.seq));
-    std::memcpy(ids.data(), f.bytes(f.at("input_ids")).data(), ids.size() * 8);
-    if (ids != batch.input_ids) return fmt::format("'input_ids' differ from {}", tokens_file.string());
+    if (f.read_i64("input_ids") != batch.input_ids) return fmt::format("'input_ids' differ from {}", tokens_file.string());
   } catch (const Error& e) {
     return e.what();
   }

@@ -31,13 +31,11 @@ json read_json(const fs::path& p) {
 }
 
 std::vector<int64_t> read_i64(const SafetensorsFile& f, const std::string& name, int64_t count) {
-  const auto& info = f.at(name);
-  if (info.dtype != DType::I64 || element_count(info.shape) != count)
-    fail("{}: tensor '{}' is {} {}, expected I64 with {} elements", f.path().string(), name, dtype_name(info.dtype),
-         shape_str(info.shape), count);
-  std::vector<int64_t> out(static_cast<size_t>(count));
-  std::memcpy(out.data(), f.bytes(info).data(), info.size);
-  return out;
+  auto values = f.read_i64(name);
+  if (static_cast<int64_t>(values.size()) != count)
+    fail("{}: tensor '{}' has {} elements, expected {} (batch x seq of the logits)", f.path().string(), name,
+         values.size(), count);
+  return values;
 }
 
 // The batch the capture ran, read back from its output (ids, mask and positions as used).

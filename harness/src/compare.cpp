@@ -12,14 +12,6 @@ namespace opensci::harness {
 namespace fs = std::filesystem;
 namespace {
 
-std::vector<int64_t> read_i64(const SafetensorsFile& f, const std::string& name) {
-  const auto& info = f.at(name);
-  if (info.dtype != DType::I64) fail("{}: tensor '{}' is {}, expected I64", f.path().string(), name, dtype_name(info.dtype));
-  std::vector<int64_t> out(info.size / 8);
-  std::memcpy(out.data(), f.bytes(info).data(), info.size);
-  return out;
-}
-
 bool finite(double v) { return std::isfinite(v); }
 
 }  // namespace
@@ -86,21 +78,21 @@ Comparison compare_outputs(const fs::path& a_path, const fs::path& b_path, const
 
   std::vector<int64_t> mask(static_cast<size_t>(rows), 1);
   if (a.contains("attention_mask") || b.contains("attention_mask")) {
-    const auto ma = a.contains("attention_mask") ? read_i64(a, "attention_mask") : mask;
-    const auto mb = b.contains("attention_mask") ? read_i64(b, "attention_mask") : mask;
+    const auto ma = a.contains("attention_mask") ? a.read_i64("attention_mask") : mask;
+    const auto mb = b.contains("attention_mask") ? b.read_i64("attention_mask") : mask;
     if (ma != mb || ma.size() != mask.size())
       fail("attention_mask differs between {} and {}: the outputs are not for the same batch", a_path.string(),
            b_path.string());
     mask = ma;
   }
-  if (a.contains("input_ids") && b.contains("input_ids") && read_i64(a, "input_ids") != read_i64(b, "input_ids"))
+  if (a.contains("input_ids") && b.contains("input_ids") && a.read_i64("input_ids") != b.read_i64("input_ids"))
     fail("input_ids differ between {} and {}: the outputs are not for the same prompt", a_path.string(), b_path.string());
 
   // Per-position maxima are indexed by position id (a left-padded row's first token is
   // position 0), so RoPE faults show as "position 0 exact, later positions off".
   std::vector<int64_t> positions(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) positions[static_cast<size_t>(r)] = r % c.seq;
-  if (b.contains("position_ids")) positions = read_i64(b, "position_ids");
+  if (b.contains("position_ids")) positions = b.read_i64("position_ids");
   if (positions.size() != static_cast<size_t>(rows))
     fail("{}: position_ids has {} entries, expected {}", b_path.string(), positions.size(), rows);
   const int64_t max_position = *std::max_element(positions.begin(), positions.end());

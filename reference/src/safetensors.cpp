@@ -229,6 +229,15 @@ std::vector<double> SafetensorsFile::read_f64(std::string_view name, const std::
   return read_f64(name);
 }
 
+std::vector<int64_t> SafetensorsFile::read_i64(std::string_view name) const {
+  const auto& info = at(name);
+  if (info.dtype != DType::I64)
+    fail("{}: tensor '{}' is {}, expected I64", path_.string(), name, dtype_name(info.dtype));
+  std::vector<int64_t> out(info.size / 8);
+  std::memcpy(out.data(), map_ + info.begin, info.size);
+  return out;
+}
+
 std::span<const float> SafetensorsFile::view_f32(std::string_view name) const {
   const auto& info = at(name);
   if (info.dtype != DType::F32)

@@ -57,6 +57,8 @@ class SafetensorsFile {
   // Like the above, and checks the shape first: "file: tensor 'x' has shape [..], expected [..]".
   std::vector<float> read_f32(std::string_view name, const std::vector<int64_t>& expected) const;
   std::vector<double> read_f64(std::string_view name, const std::vector<int64_t>& expected) const;
+  // Copies an I64 tensor (token ids, masks, positions); another dtype is an error naming the file.
+  std::vector<int64_t> read_i64(std::string_view name) const;
   // Zero-copy view of an F32 tensor (throws if it is stored in another dtype).
   std::span<const float> view_f32(std::string_view name) const;
   void check_shape(std::string_view name, const std::vector<int64_t>& expected) const;
