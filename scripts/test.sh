@@ -21,18 +21,35 @@ if [ "${total:-0}" -eq 0 ] || [ "${cells:-0}" -eq 0 ]; then
 fi
 
 status=0
+problems=()
 # GPU backends: CUDA and HIP compile-and-link checks (no device here: their tests must report
 # Not Run), and the same kernels executed on the host-thread emulator.
-bash scripts/ci/compile-check-gpu.sh cuda hip emulation || status=1
+if bash scripts/ci/compile-check-gpu.sh cuda hip emulation; then
+  gpu_note="GPU compile checks ok"
+else
+  status=1
+  problems+=("GPU compile checks failed (see '=== GPU compile checks' above)")
+  gpu_note="GPU compile checks FAILED"
+fi
 
 set +e
 ctest --test-dir "$build" --output-on-failure -j "$jobs" --timeout 3600 --output-junit junit.xml 2>&1 | tee "$build/ctest.log"
 ctest_status=${PIPESTATUS[0]}
 set -e
-((ctest_status == 0)) || status=$ctest_status
+ctest_line=$(grep -E "tests passed|tests failed out of" "$build/ctest.log" | tail -1 || true)
+if ((ctest_status != 0)); then
+  status=1
+  problems+=("ctest exited $ctest_status: ${ctest_line:-no summary}")
+fi
 # The matrix as a table (cells that ran, failed or were not run, with their reasons).
 "$build/harness/opensci-compat" report --results "$build/matrix/results" \
   --markdown "$build/matrix/report.md" --html "$build/matrix/report.html" || true
-# CTest's verdict last, so it is the closing summary of this run.
-grep -E "tests passed|tests failed out of" "$build/ctest.log" | tail -1
+
+# The overall verdict is the last line printed, whatever failed.
+echo
+if ((status == 0)); then
+  echo "test.sh: PASSED — ctest: ${ctest_line:-?}; $gpu_note"
+else
+  echo "test.sh: FAILED — $(IFS=';'; echo "${problems[*]}")"
+fi
 exit $status

@@ -34,7 +34,7 @@ done
 CLI=$(cd "$(dirname "$CLI")" && pwd)/$(basename "$CLI")
 # The environment is the matrix's (provisioned by the env/ fixture); unavailable here -> skip.
 if ! status=$("$CLI" env status --spec "$SPEC" 2>&1); then
-  echo "SKIP: transformers environment unavailable: $(printf '%s' "$status" | grep -m1 reason)"
+  echo "SKIP: transformers environment unavailable: $(awk '/reason/ && !n++' <<<"$status")"
   exit 77
 fi
 
