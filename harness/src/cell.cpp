@@ -11,6 +11,7 @@
 #include "opensci/harness/backends.hpp"
 #include "opensci/harness/compare.hpp"
 #include "opensci/harness/diagnosis.hpp"
+#include "opensci/harness/measurements.hpp"
 
 namespace opensci::harness {
 namespace fs = std::filesystem;
@@ -73,6 +74,7 @@ int run_cell(const CellOptions& o) {
     result["verdict"] = verdict;
     result["summary"] = summary;
     write_result(o.result, result);
+    print_ctest_measurements(result, o.result);
     fmt::print("{}: {}\n", verdict, summary);
     return code;
   };
