@@ -507,6 +507,7 @@ Grid build_grid(const std::vector<json>& results) {
     bool any_ran = false, all_replay = true;
     for (const json* c : cells) {
       sq.cells.push_back(short_name(str(*c, "name")));
+      sq.verdicts.push_back(str(*c, "verdict"));
       const auto o = outcome_of(str(*c, "verdict"));
       if (o == Outcome::XFail && sq.outcome == Outcome::XFail) hazards.insert(expected_hazard(*c));
       if (decides_colour(o)) {
@@ -621,7 +622,8 @@ std::string render_grid_html(const Grid& g) {
         continue;
       }
       std::string title;
-      for (const auto& c : s.cells) title += (title.empty() ? "" : "\n") + c;
+      for (size_t k = 0; k < s.cells.size(); ++k)
+        title += (title.empty() ? "" : "\n") + s.cells[k] + ": " + s.verdicts[k];
       out += fmt::format(R"(<td class="{}{}" title="{}"><a href="#{}">{}{}</a></td>)", outcome_name(s.outcome),
                          s.first_change ? " change" : "", html_escape(title), anchor_of("cell/" + s.cells.front()),
                          s.first_change ? "&#9654;&nbsp;" : "", html_escape(square_text(s)));
@@ -829,6 +831,10 @@ ReportCounts count_verdicts(const std::vector<json>& results) {
 }
 
 namespace {
+// Cells the matrix declares that left no result file: in the grid, and listed compactly (not as
+// table rows).
+bool unrun_placeholder(const json& r) { return r.value("synthesized", false) && str(r, "verdict") == "not-run"; }
+
 std::string counts_line(const std::vector<json>& results, bool markdown) {
   const auto n = count_verdicts(results);
   return fmt::format("{} cells: {} pass, {} expected failures, {} {}, {} unexpected pass, {} env-error, {} not run{}\n",
@@ -841,7 +847,13 @@ std::string render_table(const std::vector<json>& results, const RenderOptions& 
   std::string out = render_grid_terminal(build_grid(results), options) + "\n";
   if (history) out += render_history_terminal(history->runs, history->cells) + "\n";
   std::vector<Row> rows;
-  for (const auto& r : results) rows.push_back(row_of(r));
+  size_t unrun = 0;
+  for (const auto& r : results) {
+    if (unrun_placeholder(r))
+      ++unrun;
+    else
+      rows.push_back(row_of(r));
+  }
   std::vector<std::string> head{"cell",    "transformers", "reference", "expect",
                                 "verdict", "max|Δlogit|",  "top-1",     "diagnosis"};
   std::vector<size_t> w(head.size());
@@ -862,6 +874,8 @@ std::string render_table(const std::vector<json>& results, const RenderOptions& 
   };
   out += line(head);
   for (const auto& r : rows) out += line(cols(r));
+  if (unrun > 0)
+    out += fmt::format("({} more cells of the matrix left no result file: not run, see the grid)\n", unrun);
   out += "\n" + counts_line(results, false);
   return out;
 }
@@ -873,12 +887,22 @@ std::string render_markdown(const std::vector<json>& results, const ReportHistor
   out +=
       "\n## Cells\n\n| cell | transformers | reference | expect | verdict | max\\|Δlogit\\| | top-1 | diagnosis |\n"
       "|---|---|---|---|---|---|---|---|\n";
+  std::string unrun;
   for (const auto& r : results) {
     const auto row = row_of(r);
+    if (unrun_placeholder(r)) {
+      unrun += fmt::format("- <a id=\"{}\"></a>`{}`\n", anchor_of(str(r, "name")), row.cell);
+      continue;
+    }
     out += fmt::format("| <a id=\"{}\"></a>`{}` | {} | {} | {} | **{}** | {} | {} | {} |\n", anchor_of(str(r, "name")),
                        row.cell, row.version, row.reference, row.expect, row.verdict, row.max_abs, row.top1,
                        md_cell(row.diagnosis));
   }
+  if (!unrun.empty())
+    out +=
+        "\n## Not run\n\nCells of the matrix that left no result file (their environment, capture or toy "
+        "did not run here):\n\n" +
+        unrun;
   return out;
 }
 
@@ -890,7 +914,7 @@ body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collap
 table.grid td{text-align:center;min-width:3.2em;white-space:nowrap}table.grid td a{color:inherit;text-decoration:none;display:block}
 table.grid th.variant{text-align:left;font-family:monospace;font-weight:normal;white-space:nowrap}
 table.grid td.change{outline:3px solid #111;outline-offset:-3px}table.grid td.empty{background:#fff;border-color:#f2f2f2}
-td.change-text{text-align:left;font-size:12px;white-space:nowrap}
+table.grid td.change-text{text-align:left;font-size:12px;white-space:nowrap}
 p.legend span{display:inline-block;padding:1px 6px;margin-right:4px;font-size:12px}
 details{margin:0.6em 0}pre{background:#f6f6f6;padding:6px;white-space:pre-wrap}</style></head><body>
 <h1>opensci-compat matrix</h1>
@@ -915,6 +939,7 @@ details{margin:0.6em 0}pre{background:#f6f6f6;padding:6px;white-space:pre-wrap}<
       R"(<h2>Cells</h2><table><tr><th>cell</th><th>transformers</th><th>reference</th><th>expect</th><th>verdict</th><th>max|&Delta;logit|</th><th>top-1</th><th>diagnosis</th></tr>
 )";
   for (const auto& r : results) {
+    if (unrun_placeholder(r)) continue;
     const auto row = row_of(r);
     out += fmt::format(
         R"(<tr class="{}"><td><a href="#{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>)",
@@ -924,7 +949,20 @@ details{margin:0.6em 0}pre{background:#f6f6f6;padding:6px;white-space:pre-wrap}<
     out += "\n";
   }
   out += "</table>\n";
-  for (const auto& r : results) {
+  size_t unrun = 0;
+  for (const auto& r : results) unrun += unrun_placeholder(r);
+  if (unrun > 0)
+    out += fmt::format(
+        "<p>{} more cells of the matrix left no result file (not run here); their details follow the "
+        "others.</p>\n",
+        unrun);
+  std::vector<const json*> ordered;  // details: cells with results first, then the placeholders
+  for (const auto& r : results)
+    if (!unrun_placeholder(r)) ordered.push_back(&r);
+  for (const auto& r : results)
+    if (unrun_placeholder(r)) ordered.push_back(&r);
+  for (const json* rp : ordered) {
+    const auto& r = *rp;
     const auto row = row_of(r);
     out += fmt::format(R"(<details id="{}"><summary>{} — {}</summary><p>{}</p>)", anchor_of(str(r, "name")),
                        html_escape(row.cell), html_escape(row.verdict), html_escape(str(r, "summary")));

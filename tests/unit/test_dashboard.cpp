@@ -255,7 +255,7 @@ TEST_CASE("the grid: outcomes per model x patch set and version, the first chang
   const auto html = render_html(complete_results(results, nullptr, {}));
   CHECK(
       html.find(
-          R"(<td class="fail change" title="tf-5.12/opensci-ref/padded/float32-cpu/vs-cpu-fp64"><a href="#cell-tf-5-12-opensci-ref-padded-float32-cpu-vs-cpu-fp64">)") !=
+          R"(<td class="fail change" title="tf-5.12/opensci-ref/padded/float32-cpu/vs-cpu-fp64: fail"><a href="#cell-tf-5-12-opensci-ref-padded-float32-cpu-vs-cpu-fp64">)") !=
       std::string::npos);
   CHECK(html.find(R"(<details id="cell-tf-5-12-opensci-ref-padded-float32-cpu-vs-cpu-fp64">)") != std::string::npos);
   // The grid leads the page.

@@ -46,10 +46,11 @@ const char* outcome_name(Outcome o);  // pass, xfail, fail, xpass, env-error, no
 struct GridSquare {
   bool empty = true;  // no cell of this row has this version
   Outcome outcome = Outcome::NotRun;
-  std::string hazard;              // xfail: the hazard id(s), "H2" or "H1,H2"
-  std::vector<std::string> cells;  // cell names (without "cell/"), worst first
-  bool replay_only = false;        // every cell that ran replayed a golden capture
-  bool first_change = false;       // the row's outcome changes here, first time
+  std::string hazard;                 // xfail: the hazard id(s), "H2" or "H1,H2"
+  std::vector<std::string> cells;     // cell names (without "cell/"), worst first
+  std::vector<std::string> verdicts;  // theirs
+  bool replay_only = false;           // every cell that ran replayed a golden capture
+  bool first_change = false;          // the row's outcome changes here, first time
 };
 struct GridRow {
   std::string variant;              // "<model>" or "<model>+<patch set>"
