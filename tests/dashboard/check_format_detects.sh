@@ -18,7 +18,7 @@ fails=0
 expect() {  # expect <exit status> <description> [pattern]
   local want=$1 what=$2 pattern=${3:-} out rc=0
   out=$(OPENSCI_FORMAT_REPO="$repo" bash "$src/scripts/ci/check-format.sh" "$base" 2>&1) || rc=$?
-  if [ "$rc" -eq "$want" ] && { [ -z "$pattern" ] || grep -q -- "$pattern" <<<"$out"; }; then
+  if [ "$rc" -eq "$want" ] && [[ -z $pattern || $out == *"$pattern"* ]]; then
     echo "ok   $what (exit $rc)"
   else
     echo "FAIL $what: exit $rc, expected $want${pattern:+ and '$pattern'}"

@@ -21,6 +21,7 @@
 #   OPENSCI_RESOURCE_SPEC_FILE  ctest --resource-spec-file (GPU runners: tests get their own GPU)
 #   OPENSCI_MIN_LIVE_CELLS      the test step fails below this many cells that really ran (default 1)
 #   OPENSCI_DASHBOARD_TRANSFORMERS  transformers range in the build name (default: the matrix's)
+#   OPENSCI_DASHBOARD_NAME_SUFFIX   appended to the build name
 #   OPENSCI_CDASH_SUBMIT_URL    CDash submit.php URL; empty: no submission (see CTestConfig.cmake)
 #   OPENSCI_CDASH_TIMEOUT       seconds of no transfer before a submission is abandoned (default 60)
 #   OPENSCI_CDASH_RETRY_COUNT / _DELAY  retries of a failed submission (default 1, 10 s)
@@ -134,11 +135,9 @@ if(DEFINED ENV{OPENSCI_DASHBOARD_TRANSFORMERS} AND NOT "$ENV{OPENSCI_DASHBOARD_T
 else()
   opensci_transformers_range(_tf)
 endif()
-set(CTEST_BUILD_NAME "${backend}-${_compiler}${_arch}-${_tf}")
-opensci_env(_job CI_JOB_NAME "")
-if(NOT _job STREQUAL "")
-  string(APPEND CTEST_BUILD_NAME " [${_job}]")
-endif()
+# One name for all steps of a build (the cpu-build and cpu-test jobs land on one CDash build);
+# OPENSCI_DASHBOARD_NAME_SUFFIX tells apart builds that would otherwise share it.
+set(CTEST_BUILD_NAME "${backend}-${_compiler}${_arch}-${_tf}$ENV{OPENSCI_DASHBOARD_NAME_SUFFIX}")
 
 # Starts the dashboard (configure step) or joins the one a previous step started (APPEND).
 macro(opensci_dashboard_start)
