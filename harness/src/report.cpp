@@ -594,10 +594,11 @@ std::string render_grid_markdown(const Grid& g) {
         continue;
       }
       std::string text = std::string(emoji_of(s.outcome)) + " " +
-                         (s.outcome == Outcome::XFail   ? (s.hazard.empty() ? "xfail" : s.hazard)
-                          : s.outcome == Outcome::Fail  ? "**FAIL**"
-                          : s.outcome == Outcome::XPass ? "**XPASS**"
-                                                        : outcome_name(s.outcome));
+                         (s.outcome == Outcome::XFail    ? (s.hazard.empty() ? "xfail" : s.hazard)
+                          : s.outcome == Outcome::Fail   ? "**FAIL**"
+                          : s.outcome == Outcome::XPass  ? "**XPASS**"
+                          : s.outcome == Outcome::NotRun ? "not run"
+                                                         : outcome_name(s.outcome));
       if (s.replay_only) text += "\\*";
       if (s.first_change) text = "▶ " + text;
       out += fmt::format(" [{}](#{}) |", text, anchor_of("cell/" + s.cells.front()));

@@ -23,7 +23,7 @@ def check(ok, what):
         failures.append(what)
 
 
-def run(a, work, name, spec, visible, tests, hold=0.3, jobs=None):
+def run(a, work, name, spec, visible, tests, hold=0.6, jobs=None):
     d = os.path.join(work, name)
     logs = os.path.join(d, "logs")
     os.makedirs(logs)
