@@ -201,6 +201,7 @@ Place place_of(const json& r) {
     p.variant = str(r["report"], "variant", p.variant);
     p.version = str(r["report"], "version");
   }
+  if (p.version.empty()) p.version = str(r, "declared_transformers");  // what the matrix declared for the cell
   if (p.version.empty() && r.contains("capture") && r["capture"].is_object())
     p.version = str(r["capture"].value("environment", json::object()), "transformers");
   if (p.version.empty() && r.contains("labels") && r["labels"].is_array())
