@@ -265,6 +265,10 @@ TEST_CASE("the grid: outcomes per model x patch set and version, the first chang
 TEST_CASE("the grid colours env-error environments and cells without results from the matrix") {
   ScratchDir dir("grid-matrix");
   fs::create_directories(dir / "matrix");
+  for (const char* f : {"hazards.json", "tolerances.json"})  // the strict loader reads both
+    fs::copy_file(opensci::test::source_dir() / "matrix" / f, dir / "matrix" / f);
+  fs::copy_file(opensci::test::source_dir() / "fixtures/tokens/padded-batch.json", dir / "t.json");
+  fs::copy_file(opensci::test::source_dir() / "toy_configs/opensci-ref.json", dir / "c.json");
   opensci::test::write_text(dir / "matrix/matrix.json", R"({"tokens": {"padded": "t.json"},
     "models": {"m": {"config": "c.json"}},
     "environments": {
