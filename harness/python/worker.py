@@ -51,6 +51,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
+import resource
 import runpy
 import selectors
 import signal
@@ -532,6 +534,7 @@ class Worker:
             self._send(conn, {"event": "rejected", "reason": reason})
             return
         self.served += 1
+        cpu0 = _self_cpu()
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -552,6 +555,7 @@ class Worker:
             os.close(fd)
         pidfd = os.pidfd_open(pid)
         cap = Capture(conn, pid, pidfd, report_r, request["argv"])
+        cap.worker_cpu = _self_cpu() - cpu0
         self.captures[pid] = cap
         self.sel.register(pidfd, selectors.EVENT_READ, ("pidfd", cap))
         os.set_blocking(report_r, False)
@@ -618,6 +622,7 @@ class Worker:
     def _child_ended(self, cap):
         # The leader ended; it stays a zombie until reaped below, so its pid keeps the group id
         # reserved while the rest of the group is killed.
+        cpu0 = _self_cpu()
         self.sel.unregister(cap.pidfd)
         strays = _group_members(cap.pid, exclude=cap.pid)
         if strays:
@@ -625,26 +630,36 @@ class Worker:
             deadline = time.monotonic() + 2.0
             while _group_members(cap.pid, exclude=cap.pid) and time.monotonic() < deadline:
                 time.sleep(0.005)
-        _, status = os.waitpid(cap.pid, 0)
+        _, status, usage = os.wait4(cap.pid, 0)
         os.close(cap.pidfd)
         elapsed = time.monotonic() - cap.forked
-        if cap.report_fd is not None:  # the child's report is complete once it has exited
+        if cap.report_fd is not None:  # what the child wrote before it exited is in the pipe
             try:
-                os.set_blocking(cap.report_fd, True)
                 while chunk := os.read(cap.report_fd, 65536):
                     cap.report += chunk
-            except OSError:
+            except OSError:  # BlockingIOError: a forked grandchild still holds the write end
                 pass
             self.sel.unregister(cap.report_fd)
             os.close(cap.report_fd)
             cap.report_fd = None
-        try:
-            report = json.loads(cap.report) if cap.report else {}
-        except ValueError:
-            report = {"unreadable": cap.report.decode(errors="replace")[:500]}
+        report, learned = {}, []
+        for line in cap.report.splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                report.setdefault("unreadable", line.decode(errors="replace")[:500])
+                continue
+            if "learned_patterns" in item:
+                learned = item["learned_patterns"]
+            else:
+                report.update(item)
         del self.captures[cap.pid]
         message = {"event": "exited", "pid": cap.pid, "strays_killed": len(strays),
-                   "fork_to_exit_seconds": round(elapsed, 4), "clean_start": report.get("clean_start"),
+                   "fork_to_exit_seconds": round(elapsed, 4),
+                   "child_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 4),
+                   # the worker's own share: the fork and this bookkeeping
+                   "worker_cpu_seconds": round(cap.worker_cpu + _self_cpu() - cpu0, 4),
+                   "clean_start": report.get("clean_start"),
                    "child_report": report}
         if os.WIFEXITED(status):
             message["exit_code"] = os.WEXITSTATUS(status)
@@ -653,7 +668,17 @@ class Worker:
         if not cap.client_gone:
             self._send(cap.conn, message)
             self._drop(cap.conn)
+        self._learn(learned)
         self.last_activity = time.monotonic()
+
+    def _learn(self, patterns):
+        for item in patterns:
+            try:
+                pattern, flags = item
+                if isinstance(pattern, str) and isinstance(flags, int):
+                    re.compile(pattern, flags)
+            except (re.error, TypeError, ValueError, OverflowError, RecursionError):
+                pass
 
     # -- the child
 
@@ -734,8 +759,9 @@ class Worker:
             "import_warnings": self.import_warnings,
             "import_environ_changes": applied,  # as this child has them (rewritten to its dirs)
         }
-        with os.fdopen(report_w, "w") as report:
-            json.dump({"clean_start": clean, "modules_cache": context["modules_cache"]}, report)
+        report = os.fdopen(report_w, "w")
+        report.write(json.dumps({"clean_start": clean, "modules_cache": context["modules_cache"]}) + "\n")
+        report.flush()
         if not clean["clean"]:
             sys.stderr.write("opensci capture worker: the inherited interpreter state is not the pristine one; "
                              f"refusing to run: {json.dumps(clean)}\n")
@@ -744,10 +770,23 @@ class Worker:
         context_module = types.ModuleType("opensci_capture_worker")
         context_module.context = context
         sys.modules["opensci_capture_worker"] = context_module
-        _run_script(request["argv"])
+        _run_script(request["argv"], report, set(re._cache))  # noqa: SLF001
 
 
-def _run_script(argv):
+def _learned_patterns(known):
+    """The regular expressions this child compiled that the worker had not: re's own cache keys
+    (str patterns with their flags). The worker compiles them into its cache, so the next child
+    finds them there (transformers 5.x compiles ~470 weight-renaming patterns per from_pretrained;
+    a compiled pattern depends on nothing but the pattern and its flags)."""
+    out = []
+    for key in list(re._cache):  # noqa: SLF001
+        if key in known or len(key) != 3 or key[0] is not str or not isinstance(key[2], int):
+            continue
+        out.append([key[1], key[2]])
+    return out[:2048]
+
+
+def _run_script(argv, report, known_patterns):
     """Runs argv[0] like `python argv[0] argv[1:]` would, then exits the process the way the
     interpreter would (non-daemon threads joined, atexit handlers run, streams flushed)."""
     script = argv[0]
@@ -789,7 +828,17 @@ def _run_script(argv):
                 stream.flush()
             except Exception:  # noqa: BLE001
                 pass
+        try:
+            report.write(json.dumps({"learned_patterns": _learned_patterns(known_patterns)}) + "\n")
+            report.close()
+        except Exception:  # noqa: BLE001 - a lost report costs speed only
+            pass
     os._exit(code & 0xFF)
+
+
+def _self_cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _killpg(pgid, sig):

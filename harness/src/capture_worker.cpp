@@ -617,6 +617,8 @@ WorkerRun run_in_worker(const Environment& env, const WorkerJob& job, const Work
                 {"captures_served", started.value("captures_served", 0)},
                 {"get_worker_seconds", conn.ready_seconds},
                 {"fork_to_exit_seconds", exited.is_null() ? json() : exited["fork_to_exit_seconds"]},
+                {"child_cpu_seconds", exited.is_null() ? json() : exited.value("child_cpu_seconds", json())},
+                {"worker_cpu_seconds", exited.is_null() ? json() : exited.value("worker_cpu_seconds", json())},
                 {"child_pid", pgid},
                 {"mounts", mounts},
                 {"clean_start", exited.is_null() ? json() : exited["clean_start"]},
