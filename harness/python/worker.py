@@ -55,6 +55,7 @@ import re
 import resource
 import runpy
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -378,6 +379,21 @@ class Worker:
         finally:
             os.close(lock_fd)
         log(f"idle for {self.args.idle:.0f} s: retired")
+
+    def remove_private_tmp(self):
+        """Its private TMPDIR (<key>.tmp next to the socket) goes with it, under the start lock
+        and only while no successor listens (a client creates that dir under the same lock right
+        before it starts a new worker of this key)."""
+        tmp = self.startup_environ.get("TMPDIR", "")
+        if os.path.basename(tmp) != self.args.key + ".tmp" or os.path.dirname(tmp) != os.path.dirname(self.args.socket):
+            return
+        lock_fd = os.open(self.args.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if not os.path.exists(self.args.socket):
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            os.close(lock_fd)
 
     def shutdown(self, why):
         self._remove_own_socket()
@@ -902,6 +918,7 @@ def main():
     log(f"ready: key {args.key}, imports {worker.import_seconds:.2f} s ({len(worker.preimported)} modules), "
         f"{len(worker.pristine.path_locations)} private-path constants, errors {worker.import_errors or 'none'}")
     worker.run()
+    worker.remove_private_tmp()
     log(f"exiting after {worker.served} capture(s)")
 
 

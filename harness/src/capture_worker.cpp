@@ -71,6 +71,7 @@ struct Paths {
   fs::path lock() const { return dir / (key + ".lock"); }
   fs::path log() const { return dir / (key + ".log"); }
   fs::path info() const { return dir / (key + ".json"); }
+  fs::path tmp() const { return dir / (key + ".tmp"); }
 };
 
 // ---- sockets ---------------------------------------------------------------------------------
@@ -266,6 +267,8 @@ std::optional<json> read_hello(const Fd& sock, const std::string& key, std::stri
 // A ready worker for `paths.key`, started (detached) from `spec` when none listens.
 // Returns an invalid socket with `why` when no worker can be had.
 Connection get_worker(const Paths& paths, const ProcessSpec& spec, Clock::time_point deadline, std::string& why) {
+  // The worker's private TMPDIR: made here, under the lock, so that a predecessor of the same key
+  // removing its own on the way out (also under the lock) cannot take it away.
   const auto t0 = Clock::now();
   Connection c;
   for (int attempt = 0; attempt < 4; ++attempt) {
@@ -300,6 +303,7 @@ Connection get_worker(const Paths& paths, const ProcessSpec& spec, Clock::time_p
     }
     std::error_code ec;
     fs::remove(paths.sock(), ec);  // stale: its worker is gone (nothing accepted the connect)
+    fs::create_directories(paths.tmp(), ec);
     int pid = 0;
     try {
       pid = spawn_detached(spec);
@@ -433,8 +437,7 @@ WorkerRun run_in_worker(const Environment& env, const WorkerJob& job, const Work
   // Its TMPDIR is real (torch derives import-time values from tempfile.gettempdir(), e.g.
   // TORCHINDUCTOR_CACHE_DIR; with a missing TMPDIR they would name /tmp, which no rewrite could
   // tell apart from a real /tmp path); the child rewrites them to its own.
-  const fs::path worker_tmp = dir / (paths.key + ".tmp");
-  fs::create_directories(worker_tmp, ec);
+  const fs::path worker_tmp = paths.tmp();  // created under the start lock (get_worker)
   if (worker_extra.count("TMPDIR")) worker_extra["TMPDIR"] = worker_tmp.string();
 
   int idle = static_cast<int>(settings.idle.count());
