@@ -99,6 +99,7 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
 SYS_MOVE_MOUNT = 429  # the same number on every architecture (asm-generic unistd since 5.2)
 
 EXIT_UNCLEAN = 97  # the child found a state that is not the worker's pristine one
+EXIT_SETUP = 125  # the child could not set the capture up (mounts, streams); the script never ran
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -564,8 +565,8 @@ class Worker:
                     traceback.print_exc()
                     sys.stderr.flush()
                 finally:
-                    os._exit(125)
-            os._exit(125)
+                    os._exit(EXIT_SETUP)
+            os._exit(EXIT_SETUP)
         os.close(report_w)
         for fd in fds:
             os.close(fd)
@@ -702,7 +703,7 @@ class Worker:
         os.setsid()
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != self.pid:
-            os._exit(125)  # the worker died between fork and prctl
+            os._exit(EXIT_SETUP)  # the worker died between fork and prctl
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
@@ -723,6 +724,14 @@ class Worker:
         os.close(self.wake[0])
         os.close(self.wake[1])
         out_fd, err_fd, tree_fds = fds[0], fds[1], fds[2:]
+        # The capture's streams first: a failure below (exit EXIT_SETUP) is in its stderr.log.
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        for fd in (null, out_fd, err_fd):
+            if fd > 2:
+                os.close(fd)
         if request.get("mounts"):
             # A mount namespace of its own: the capture's directories appear at their host
             # paths for this child only, and vanish with it.
@@ -734,13 +743,6 @@ class Worker:
                     err = ctypes.get_errno()
                     raise OSError(err, f"move_mount onto {target}: {os.strerror(err)}")
                 os.close(tree)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        for fd in (null, out_fd, err_fd):
-            if fd > 2:
-                os.close(fd)
         os.chdir(request.get("cwd") or request["env"].get("HOME", "/"))
         # The state inherited from the worker, checked before this child changes anything of it.
         clean = clean_start_report(self.pristine)

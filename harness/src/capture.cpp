@@ -161,7 +161,7 @@ CaptureResult run_capture(const CaptureOptions& o) {
   } else if (worker.worker_lost) {
     r.status = CaptureStatus::Crash;
     r.detail = worker.detail + "; its process group was killed";
-  } else if (worker.unclean) {
+  } else if (worker.unclean || worker.setup_failed) {
     r.status = CaptureStatus::Error;
     r.detail = worker.detail;
   } else if (proc.signal != 0) {

@@ -255,8 +255,7 @@ std::optional<json> read_hello(const Fd& sock, const std::string& key, std::stri
                                      : "the worker did not say hello within 30 s";
     return std::nullopt;
   }
-  if (hello.value("event", "") != "hello" || hello.value("protocol", 0) != kProtocol ||
-      hello.value("key", "") != key) {
+  if (hello.value("event", "") != "hello" || hello.value("protocol", 0) != kProtocol || hello.value("key", "") != key) {
     why = fmt::format("the socket answered with {} (expected a hello of protocol {} and key {})",
                       hello.dump().substr(0, 300), kProtocol, key);
     return std::nullopt;
@@ -418,7 +417,8 @@ WorkerRun run_in_worker(const Environment& env, const WorkerJob& job, const Work
     const auto resolved = fs::canonical(exe, ec);
     if (!ec) {
       const auto mtime = fs::last_write_time(resolved, ec);
-      stamp = fmt::format("{} {}", resolved.string(), ec ? 0 : static_cast<long long>(mtime.time_since_epoch().count()));
+      stamp =
+          fmt::format("{} {}", resolved.string(), ec ? 0 : static_cast<long long>(mtime.time_since_epoch().count()));
     }
   }
   const json key_material = {{"protocol", kProtocol},
@@ -442,13 +442,13 @@ WorkerRun run_in_worker(const Environment& env, const WorkerJob& job, const Work
 
   int idle = static_cast<int>(settings.idle.count());
   if (const char* v = std::getenv("OPENSCI_WORKER_IDLE_SECONDS"); v && *v) idle = std::max(1, std::atoi(v));
-  std::vector<std::string> worker_args = {"--socket", paths.sock().string(), "--lock", paths.lock().string(), "--info",
-                                          paths.info().string(),  "--key",    paths.key,
+  std::vector<std::string> worker_args = {"--socket", paths.sock().string(), "--lock", paths.lock().string(),
+                                          "--info",   paths.info().string(), "--key",  paths.key,
                                           "--idle",   std::to_string(idle)};
   if (mount_ns) worker_args.push_back("--mount-ns");
   if (!settings.pollute_for_test.empty())
-    worker_args.insert(worker_args.end(),
-                       {"--pollute-for-test", settings.pollute_for_test, "--script-dir", job.script.parent_path().string()});
+    worker_args.insert(worker_args.end(), {"--pollute-for-test", settings.pollute_for_test, "--script-dir",
+                                           job.script.parent_path().string()});
   std::vector<fs::path> worker_dirs = {script.parent_path(), dir};
   if (!settings.pollute_for_test.empty()) worker_dirs.push_back(fs::absolute(job.script).parent_path());
   auto worker_spec = env.python(script, worker_args, worker_dirs, worker_extra, std::chrono::milliseconds(0));
@@ -549,8 +549,8 @@ WorkerRun run_in_worker(const Environment& env, const WorkerJob& job, const Work
         sigkill_at = now + job.kill_grace;
         continue;
       }
-      wait = std::min(wait, std::chrono::duration_cast<std::chrono::milliseconds>(kill_at - now) +
-                                std::chrono::milliseconds(1));
+      wait = std::min(
+          wait, std::chrono::duration_cast<std::chrono::milliseconds>(kill_at - now) + std::chrono::milliseconds(1));
     }
     if (sigkill_at) {
       if (now >= *sigkill_at) {
@@ -600,33 +600,41 @@ WorkerRun run_in_worker(const Environment& env, const WorkerJob& job, const Work
     if (exited.contains("exit_code")) proc.exit_code = exited.value("exit_code", -1);
     if (!proc.timed_out) proc.strays_killed = exited.value("strays_killed", 0);
     const auto& clean = exited.contains("clean_start") ? exited["clean_start"] : json();
-    if (clean.is_object() && !clean.value("clean", true)) {
+    if (!clean.is_object() && proc.exit_code == 125 && !proc.timed_out) {
+      run.setup_failed = true;
+      run.detail = fmt::format(
+          "the capture worker's child (pid {}) could not set the capture up (exit 125 before "
+          "the script ran); its stderr ends: {}",
+          pgid, file_tail(job.stderr_path, 600));
+    } else if (clean.is_object() && !clean.value("clean", true)) {
       run.unclean = true;
-      run.detail = fmt::format("the capture worker (pid {}) handed over a state that is not its pristine one; the "
-                               "capture refused to run: {}",
-                               conn.hello.value("pid", 0), clean.dump());
+      run.detail = fmt::format(
+          "the capture worker (pid {}) handed over a state that is not its pristine one; the "
+          "capture refused to run: {}",
+          conn.hello.value("pid", 0), clean.dump());
     }
   }
   proc.wall_seconds = seconds_since(t_send);
   proc.stderr_tail = file_tail(job.stderr_path);
-  run.record = {{"mode", "worker"},
-                {"worker_pid", conn.hello.value("pid", 0)},
-                {"worker_started_at", conn.hello.value("started_at", "")},
-                {"worker_started_by_this_capture", conn.started_here},
-                {"worker_key", paths.key},
-                {"worker_socket", paths.sock().string()},
-                {"worker_log", paths.log().string()},
-                {"worker_import_seconds", conn.hello.value("import_seconds", 0.0)},
-                {"captures_served", started.value("captures_served", 0)},
-                {"get_worker_seconds", conn.ready_seconds},
-                {"fork_to_exit_seconds", exited.is_null() ? json() : exited["fork_to_exit_seconds"]},
-                {"child_cpu_seconds", exited.is_null() ? json() : exited.value("child_cpu_seconds", json())},
-                {"worker_cpu_seconds", exited.is_null() ? json() : exited.value("worker_cpu_seconds", json())},
-                {"child_pid", pgid},
-                {"mounts", mounts},
-                {"clean_start", exited.is_null() ? json() : exited["clean_start"]},
-                {"modules_cache",
-                 exited.is_null() ? json() : exited.value("child_report", json::object()).value("modules_cache", json())}};
+  run.record = {
+      {"mode", "worker"},
+      {"worker_pid", conn.hello.value("pid", 0)},
+      {"worker_started_at", conn.hello.value("started_at", "")},
+      {"worker_started_by_this_capture", conn.started_here},
+      {"worker_key", paths.key},
+      {"worker_socket", paths.sock().string()},
+      {"worker_log", paths.log().string()},
+      {"worker_import_seconds", conn.hello.value("import_seconds", 0.0)},
+      {"captures_served", started.value("captures_served", 0)},
+      {"get_worker_seconds", conn.ready_seconds},
+      {"fork_to_exit_seconds", exited.is_null() ? json() : exited["fork_to_exit_seconds"]},
+      {"child_cpu_seconds", exited.is_null() ? json() : exited.value("child_cpu_seconds", json())},
+      {"worker_cpu_seconds", exited.is_null() ? json() : exited.value("worker_cpu_seconds", json())},
+      {"child_pid", pgid},
+      {"mounts", mounts},
+      {"clean_start", exited.is_null() ? json() : exited["clean_start"]},
+      {"modules_cache",
+       exited.is_null() ? json() : exited.value("child_report", json::object()).value("modules_cache", json())}};
   if (run.worker_lost) run.record["worker_lost"] = run.detail;
   return run;
 }
@@ -637,7 +645,8 @@ std::vector<WorkerInfo> list_workers(const fs::path& dir) {
   std::set<std::string> keys;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const auto ext = e.path().extension().string();
-    if (ext == ".sock" || (ext == ".json" && e.path().stem().extension().empty())) keys.insert(e.path().stem().string());
+    if (ext == ".sock" || (ext == ".json" && e.path().stem().extension().empty()))
+      keys.insert(e.path().stem().string());
   }
   for (const auto& key : keys) {
     const Paths paths{dir, key};

@@ -4,12 +4,11 @@
 // --stop`; in the Debian sid rootfs (when cached): no shim or remote-code state leaks from one
 // capture into the next, per-capture HF_MODULES_CACHE under concurrency, logits identical to a
 // cold run, and a polluted worker is refused. Every test uses a worker dir of its own.
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <fcntl.h>
 
 #include <algorithm>
 #include <fstream>
@@ -152,9 +151,21 @@ int spawn_cli(const std::vector<std::string>& args, const std::map<std::string, 
 }
 
 std::vector<std::string> capture_args(const CaptureOptions& o, const json& spec) {
-  return {"capture",         "--env-spec", spec.dump(), "--model", o.model.string(), "--tokens-file",
-          o.tokens_file.string(), "--out", o.out.string(), "--script-dir", o.script_dir.string(),
-          "--variant",       o.variant,    "--timeout", std::to_string(o.timeout.count())};
+  return {"capture",
+          "--env-spec",
+          spec.dump(),
+          "--model",
+          o.model.string(),
+          "--tokens-file",
+          o.tokens_file.string(),
+          "--out",
+          o.out.string(),
+          "--script-dir",
+          o.script_dir.string(),
+          "--variant",
+          o.variant,
+          "--timeout",
+          std::to_string(o.timeout.count())};
 }
 
 // The cached Debian sid rootfs, or "" with the reason to skip.
@@ -305,10 +316,10 @@ TEST_CASE("one worker for concurrent captures and processes, a new key is a new 
   std::vector<CaptureOptions> runs;
   for (int i = 0; i < 4; ++i) runs.push_back(fx.options("concurrent-" + std::to_string(i), fx.fault("nonfinite")));
   for (auto& o : runs) o.timeout = std::chrono::seconds(60);
-  const int cli_a = spawn_cli(capture_args(runs[0], kSystemPython), {{"OPENSCI_WORKER_DIR", workers_dir.string()}},
-                              fx.dir / "a.log");
-  const int cli_b = spawn_cli(capture_args(runs[1], kSystemPython), {{"OPENSCI_WORKER_DIR", workers_dir.string()}},
-                              fx.dir / "b.log");
+  const int cli_a =
+      spawn_cli(capture_args(runs[0], kSystemPython), {{"OPENSCI_WORKER_DIR", workers_dir.string()}}, fx.dir / "a.log");
+  const int cli_b =
+      spawn_cli(capture_args(runs[1], kSystemPython), {{"OPENSCI_WORKER_DIR", workers_dir.string()}}, fx.dir / "b.log");
   auto t2 = std::async(std::launch::async, [&] { return run_capture(runs[2]); });
   auto t3 = std::async(std::launch::async, [&] { return run_capture(runs[3]); });
   int status_a = 0, status_b = 0;
@@ -355,8 +366,8 @@ TEST_CASE("one worker for concurrent captures and processes, a new key is a new 
   auto piped_opts = fx.options("piped", fx.fault("nonfinite"));
   for (const auto& a : capture_args(piped_opts, kSystemPython)) cmd += " " + shell_quote(a);
   piped.argv = {"/bin/sh", "-c", cmd + " | cat > /dev/null"};
-  piped.env = {{"PATH", "/usr/bin:/bin"}, {"OPENSCI_WORKER_DIR", workers_dir.string()},
-               {"OPENSCI_WORKER_IDLE_SECONDS", "300"}};
+  piped.env = {
+      {"PATH", "/usr/bin:/bin"}, {"OPENSCI_WORKER_DIR", workers_dir.string()}, {"OPENSCI_WORKER_IDLE_SECONDS", "300"}};
   piped.timeout = std::chrono::seconds(60);
   const auto pr = run_process(piped);
   CHECK(pr.ok());
@@ -450,9 +461,9 @@ TEST_CASE("debian-sid: shims and remote code of one capture never reach the next
   CHECK(o2.at("error").value("message", "").find("LossKwargs") != std::string::npos);
   // 3. All runtime shims (ROPE_INIT_FUNCTIONS['default'], wrapped PreTrainedModel methods, a
   //    config class default): the published fixture passes ...
-  const auto [r3, o3, p3] = run(options("published+shims", published,
-                                        {"kwargs-alias", "rope-default", "tied-keys-dict", "tie-default", "guard-init",
-                                         "recompute-inv-freq"}));
+  const auto [r3, o3, p3] = run(
+      options("published+shims", published,
+              {"kwargs-alias", "rope-default", "tied-keys-dict", "tie-default", "guard-init", "recompute-inv-freq"}));
   check_clean(p3);
   CHECK(r3.status == CaptureStatus::Ok);
   // 4. ... and unpatched, in the same worker, fails with H2 again: no shim survived.

@@ -74,10 +74,11 @@ struct WorkerRun {
   bool used = false;
   std::string fallback_reason;
   ProcessResult proc;
-  bool worker_lost = false;  // the worker died (or stopped answering) while the capture ran
-  bool unclean = false;      // the child found a non-pristine state and refused to run
-  std::string detail;        // for worker_lost / unclean: what happened
-  nlohmann::json record;     // outcome.json "runner": mode, worker pid, started_at, served, ...
+  bool worker_lost = false;   // the worker died (or stopped answering) while the capture ran
+  bool unclean = false;       // the child found a non-pristine state and refused to run
+  bool setup_failed = false;  // the child could not set the capture up; the script never ran
+  std::string detail;         // for worker_lost / unclean / setup_failed: what happened
+  nlohmann::json record;      // outcome.json "runner": mode, worker pid, started_at, served, ...
 };
 
 WorkerRun run_in_worker(const Environment& env, const WorkerJob& job, const WorkerSettings& settings = {});
