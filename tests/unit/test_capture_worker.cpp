@@ -119,6 +119,8 @@ int judge(const fs::path& work, const CaptureOptions& o) {
   c.name = "fault";
   c.capture = o.out;
   c.model = o.model;
+  c.tokens_file = o.tokens_file;
+  c.variant = o.variant;
   c.tolerance_file = opensci::test::source_dir() / "matrix/tolerances.json";
   c.tolerance = "fp32-cpu";
   c.expect = "pass";
