@@ -97,6 +97,7 @@ void add_capture_command(CLI::App& app) {
   cmd->add_option("--script-dir", a->o.script_dir, "directory of capture.py")->default_str(OPENSCI_SOURCE_DIR "/harness/python");
   cmd->add_flag("--hidden-states,!--no-hidden-states", a->o.hidden_states, "capture per-layer tensors");
   cmd->add_flag("--dump-state-dict,!--no-dump-state-dict", a->o.dump_state_dict, "dump parameters after loading");
+  cmd->add_flag("!--no-worker", a->o.worker, "run a cold interpreter instead of the environment's capture worker");
   cmd->callback([a] {
     a->o.env_spec = harness::load_spec(a->spec);
     a->o.timeout = std::chrono::seconds(a->timeout_s);
