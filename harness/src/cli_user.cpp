@@ -6,6 +6,7 @@
 
 #include "commands.hpp"
 #include "opensci/error.hpp"
+#include "opensci/harness/hub.hpp"
 #include "opensci/harness/toyify.hpp"
 
 namespace opensci::cli {
@@ -41,7 +42,13 @@ void add_toyify_command(CLI::App& app) {
     a->o.moe_ffn = opt(a->moe_ffn);
     a->o.experts = opt(a->experts);
     a->o.vocab = opt(a->vocab);
-    const auto source = harness::read_model_source(a->from);
+    harness::ModelSource source;
+    try {
+      source = harness::read_model_source(a->from);
+    } catch (const harness::HubUnavailable& e) {
+      fmt::print(stderr, "not available: {}\n", e.what());
+      throw CLI::RuntimeError(77);
+    }
     const auto r = harness::toyify(source, a->o);
     fmt::print("toyified {} -> {}: {} tensors written, {} dropped\n", source.description, a->o.out.string(), r.tensors,
                r.dropped);
@@ -49,6 +56,44 @@ void add_toyify_command(CLI::App& app) {
       fmt::print("  {}: {} -> {} ({})\n", c["key"].get<std::string>(), c["from"].dump(), c["to"].dump(),
                  c["why"].get<std::string>());
     for (const auto& w : r.warnings) fmt::print(stderr, "warning: {}\n", w);
+  });
+}
+
+void add_download_command(CLI::App& app) {
+  struct Args {
+    std::string repo, revision, out;
+    std::vector<std::string> include;
+    int parallel = 0;
+    bool quiet = false;
+  };
+  auto a = std::make_shared<Args>();
+  auto* cmd = app.add_subcommand("download", "Download a Hub repo into the shared HF cache (HF_ENDPOINT, HF_TOKEN, "
+                                             "HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE)");
+  cmd->add_option("repo", a->repo, "ORG/NAME[@REVISION]")->required();
+  cmd->add_option("--revision", a->revision, "branch, tag or commit (default main, or the @REVISION of the repo id)");
+  cmd->add_option("--include", a->include, "only files matching this glob (repeatable)");
+  cmd->add_option("--out", a->out, "also materialise the snapshot here as a plain directory (hard links)");
+  cmd->add_option("--parallel", a->parallel, "files at a time (default 8)");
+  cmd->add_flag("--quiet", a->quiet, "no progress line even on a terminal");
+  cmd->callback([a] {
+    auto [repo, revision] = harness::parse_repo_spec(a->repo);
+    if (!a->revision.empty()) revision = a->revision;
+    auto config = harness::HubConfig::from_environment();
+    if (a->parallel > 0) config.parallel = a->parallel;
+    if (a->quiet) config.progress = false;
+    harness::HubClient client(config);
+    harness::DownloadStats stats;
+    try {
+      const auto snapshot = client.download(repo, revision, a->include, &stats);
+      if (!a->out.empty()) harness::materialise_snapshot(snapshot, a->out);
+      fmt::print("{}\n", a->out.empty() ? snapshot.string() : a->out);
+      fmt::print(stderr, "{}@{}: {} files downloaded, {} already cached, {} bytes in {:.2f} s\n", repo, revision,
+                 stats.downloaded.load(), stats.cached.load(), stats.bytes.load(), stats.seconds);
+    } catch (const harness::HubUnavailable& e) {
+      // Not Run for CTest: the Hub is out of reach here and the cache does not hold the model.
+      fmt::print(stderr, "not available: {}\n", e.what());
+      throw CLI::RuntimeError(77);
+    }
   });
 }
 

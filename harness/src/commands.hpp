@@ -17,5 +17,6 @@ void add_cell_command(CLI::App& app);
 void add_patch_command(CLI::App& app);
 void add_report_command(CLI::App& app);
 void add_toyify_command(CLI::App& app);  // cli_user.cpp
+void add_download_command(CLI::App& app);  // cli_user.cpp
 
 }  // namespace opensci::cli

@@ -12,6 +12,7 @@
 #include "opensci/checkpoint.hpp"
 #include "opensci/config.hpp"
 #include "opensci/error.hpp"
+#include "opensci/harness/hub.hpp"
 #include "opensci/harness/toy.hpp"
 
 namespace opensci::harness {
@@ -496,7 +497,9 @@ namespace opensci::harness {
 
 ModelSource read_model_source(const std::string& from) {
   if (fs::is_directory(from)) return read_local_source(from);
-  fail("{}: not a directory (Hub repos ORG/NAME[@REV] are not supported yet)", from);
+  if (!looks_like_repo_spec(from)) fail("{}: neither a model directory nor a Hub repo id ORG/NAME[@REVISION]", from);
+  HubClient client;
+  return read_hub_source(from, client);
 }
 
 }  // namespace opensci::harness

@@ -18,9 +18,10 @@ P = argparse.ArgumentParser()
 P.add_argument("--out", required=True)
 P.add_argument("--remote-code", default=os.path.join(os.path.dirname(__file__), "../../fixtures/remote_code/opensci_ref_published"))
 P.add_argument("--variant", default="published", choices=["published", "renamed-extra"])
+P.add_argument("--layers", type=int, default=24, help="fewer layers of the same shape (quicker to hash on a test Hub)")
 a = P.parse_args()
 
-H, L, A, D, F, V = 2048, 24, 32, 64, 8192, 50304
+H, L, A, D, F, V = 2048, a.layers, 32, 64, 8192, 50304
 config = {
     "_name_or_path": "open-sci/open-sci-ref-v0.01-1.7b-nemotron-hq-1T-16384",
     "architectures": ["OpensciForCausalLM"],
