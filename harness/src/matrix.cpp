@@ -8,6 +8,7 @@
 #include <set>
 
 #include "opensci/error.hpp"
+#include "opensci/harness/matrix_layers.hpp"
 
 namespace opensci::harness {
 namespace fs = std::filesystem;
@@ -72,8 +73,12 @@ Matrix load_matrix(const fs::path& file) {
   for (const auto& [name, mj] : j.at("models").items()) {
     MatrixModel model;
     model.name = name;
-    if (!mj.contains("config")) fail("{}: model '{}' has no 'config'", where, name);
-    model.config = m.source_dir / mj["config"].get<std::string>();
+    if (mj.contains("toyify") || mj.contains("real")) {  // a user's model (matrix_layers.hpp)
+      model.build = mj.contains("toyify") ? json{{"toyify", mj["toyify"]}} : json{{"real", mj["real"]}};
+    } else {
+      if (!mj.contains("config")) fail("{}: model '{}' has no 'config'", where, name);
+      model.config = m.source_dir / mj["config"].get<std::string>();
+    }
     if (mj.contains("remote_code")) model.remote_code = m.source_dir / mj["remote_code"].get<std::string>();
     model.seed = mj.value("seed", uint64_t{1});
     model.toy_dtype = mj.value("toy_dtype", std::string("f32"));
@@ -186,6 +191,13 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
   }
   for (const auto& name : used_models) {
     const auto& model = m.models.at(name);
+    if (!model.build.is_null()) {  // toyify / download; 77 = not available here (Hub out of reach, not cached)
+      std::vector<std::string> args;
+      for (const auto& a : user_model_command(model, model_dir(o, model))) args.push_back(bracket(a));
+      add("toy/" + name, fmt::format("{}", fmt::join(args, " ")),
+          fmt::format("FIXTURES_SETUP toy.{} SKIP_RETURN_CODE 77 TIMEOUT 3600 LABELS \"matrix;toy;user\"", name));
+      continue;
+    }
     std::string cmd = fmt::format("toy --config {} --seed {} --out {} --dtype {}", bracket(model.config.string()),
                                   model.seed, bracket(model_dir(o, model).string()), model.toy_dtype);
     if (!model.remote_code.empty()) cmd += " --remote-code " + bracket(model.remote_code.string());
