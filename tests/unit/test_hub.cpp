@@ -162,6 +162,10 @@ TEST_CASE("download writes huggingface_hub's cache layout, and a second run read
   CHECK(stats.downloaded == 3);
   CHECK(stats.bytes == static_cast<int64_t>(kWeights + 6 + read_text(repo / "config.json").size()));
   for (const auto& e : fs::recursive_directory_iterator(rd)) CHECK(e.path().extension() != ".incomplete");
+  // `download --out`: a plain directory (hard links), what a rootfs environment can bind.
+  materialise_snapshot(snap, dir / "plain");
+  CHECK_FALSE(fs::is_symlink(dir / "plain/sub/notes.txt"));
+  CHECK(read_text(dir / "plain/model.safetensors") == read_text(repo / "model.safetensors"));
   // Files download in parallel.
   size_t most = 0;
   for (const auto& e : hub.log()) most = std::max(most, e["inflight"].get<size_t>());
