@@ -216,6 +216,8 @@ void add_run_command(CLI::App& app) {
       const auto dir = harness::model_dir(o, model);
       if (built.insert(model.name).second) {
         fmt::print("== model {}\n", model.name);
+        if (!model.build.contains("toyify"))
+          fail("run: model '{}' is a real-tier model (the checkpoint as it is); `run` toyifies — use ctest -L real", model.name);
         try {
           const auto source = harness::read_model_source(model.build.at("toyify").at("from").get<std::string>());
           harness::ToyifyOptions t;

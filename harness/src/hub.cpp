@@ -147,6 +147,7 @@ Response perform(const Curl& curl, const HubConfig& cfg, const Request& q) {
   curl_easy_setopt(h, CURLOPT_WRITEDATA, &t);
   curl_easy_setopt(h, CURLOPT_USERAGENT, "opensci-compat/0.1 (libcurl)");
   curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_BUFFERSIZE, 512L * 1024);  // fewer, larger writes (and hash updates) per file
   // Identity: sizes and Range offsets are of the file itself (as huggingface_hub asks).
   struct curl_slist* list = curl_slist_append(nullptr, "Accept-Encoding: identity");
   for (const auto& hd : q.headers) list = curl_slist_append(list, hd.c_str());
