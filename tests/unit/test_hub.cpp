@@ -186,7 +186,7 @@ TEST_CASE("download writes huggingface_hub's cache layout, and a second run read
   CHECK_FALSE(fs::exists(s2 / "model.safetensors"));
 }
 
-TEST_CASE("HF_HUB_OFFLINE reads the cache without the network; not cached is Not Run") {
+TEST_CASE("HF_HUB_OFFLINE reads the cache without the network, and not cached is Not Run") {
   ScratchDir dir("hub-offline");
   const auto repo = make_repo(dir / "repo");
   FakeHub hub(dir.path(), {{"org/model", repo}});
@@ -249,7 +249,7 @@ TEST_CASE("404: repository, revision and file are told apart") {
   REQUIRE_ERROR_MENTIONS(client.download_file("org/model", commit, "missing.bin"), "HTTP 404", "has no file 'missing.bin'");
 }
 
-TEST_CASE("429 waits Retry-After; 500 and a dropped connection are retried; a download resumes, not restarts") {
+TEST_CASE("429 waits Retry-After, 500 and a dropped connection are retried, a download resumes and does not restart") {
   ScratchDir dir("hub-retry");
   FakeHub hub(dir.path(), {{"org/model", make_repo(dir / "repo")}});
   auto cfg = config_for(hub, dir / "cache");
