@@ -14,6 +14,7 @@
 #include "opensci/harness/capture.hpp"
 #include "opensci/harness/cell.hpp"
 #include "opensci/harness/environment.hpp"
+#include "opensci/harness/hazards.hpp"
 #include "opensci/harness/hub.hpp"
 #include "opensci/harness/matrix.hpp"
 #include "opensci/harness/matrix_layers.hpp"
@@ -249,39 +250,54 @@ void add_run_command(CLI::App& app) {
         continue;
       }
       const auto cap = harness::capture_dir(o, c);
-      if (captured.insert(c.capture_name).second) {
-        fmt::print("== capture {}\n", c.capture_name);
+      // The capture, and for a proven xfail its counterfactual (the same run + the hazard's fix).
+      auto capture = [&](const std::string& name, const fs::path& out, const std::string& variant,
+                         const std::vector<std::string>& shims) {
+        if (!captured.insert(name).second) return;
+        fmt::print("== capture {}\n", name);
         if (unavailable) {
-          fs::create_directories(cap);
+          fs::create_directories(out);
           std::ifstream in(dir / harness::kUnavailableMarker);
           std::string why((std::istreambuf_iterator<char>(in)), {});
-          std::ofstream(cap / "SKIPPED") << "model not available: " << why;
-        } else {
-          harness::CaptureOptions co;
-          co.env_spec = harness::load_spec(c.env->spec.dump());
-          co.model = mdir;
-          co.tokens_file = c.tokens;
-          co.out = cap;
-          co.script_dir = OPENSCI_SOURCE_DIR "/harness/python";
-          co.variant = c.model->name + "/" + c.patch->name;
-          co.dtype = c.dtype;
-          co.device = c.device;
-          co.shims = c.patch->shims;
-          co.threads = a->threads;
-          co.timeout = std::chrono::seconds(a->timeout_s);
-          const auto r = harness::run_capture(co);
-          fmt::print("capture {}: {}\n", harness::capture_status_name(r.status), r.detail);
+          std::ofstream(out / "SKIPPED") << "model not available: " << why;
+          return;
         }
-      }
+        harness::CaptureOptions co;
+        co.env_spec = harness::load_spec(c.env->spec.dump());
+        co.model = mdir;
+        co.tokens_file = c.tokens;
+        co.out = out;
+        co.script_dir = OPENSCI_SOURCE_DIR "/harness/python";
+        co.variant = variant;
+        co.dtype = c.dtype;
+        co.device = c.device;
+        co.shims = shims;
+        co.threads = a->threads;
+        co.timeout = std::chrono::seconds(a->timeout_s);
+        const auto r = harness::run_capture(co);
+        fmt::print("capture {}: {}\n", harness::capture_status_name(r.status), r.detail);
+      };
+      const auto variant = c.model->name + "/" + c.patch->name;
+      capture(c.capture_name, cap, variant, c.patch->shims);
+      if (!c.counterfactual_capture.empty())
+        capture(c.counterfactual_capture, harness::counterfactual_dir(o, c),
+                variant + harness::counterfactual_suffix(c.expect.substr(6)), c.counterfactual_shims);
       harness::CellOptions co;
       co.name = c.name;
       co.capture = cap;
       co.model = mdir;
+      co.tokens_file = c.tokens;
+      co.dtype = c.dtype;
+      co.variant = variant;
+      co.shims = c.patch->shims;
+      co.transformers = c.env->transformers;
       co.backend = c.reference.backend;
       co.precision = c.reference.precision;
       co.tolerance_file = m.tolerances;
       co.tolerance = c.reference.tolerance;
+      co.hazards_file = m.hazards;
       co.expect = c.expect;
+      if (!c.counterfactual_capture.empty()) co.counterfactual = harness::counterfactual_dir(o, c);
       co.result = result;
       co.labels = c.labels;
       fmt::print("== {}\n", c.name);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <fstream>
 #include <regex>
+#include <map>
 #include <set>
 
 #include "opensci/config.hpp"
@@ -95,6 +96,22 @@ bool golden_has(const json& env, const std::string& model, const fs::path& sourc
   return fs::is_directory(dir / model);
 }
 
+// Every "<model>[+<patch set>]" each environment's cells run (what an expectation may name).
+std::map<std::string, std::set<std::string>> variants_by_env(const json& m) {
+  std::map<std::string, std::set<std::string>> out;
+  for (const auto& c : m["cells"])
+    for (const auto& e : c.value("environments", json::array())) {
+      const auto env = e.get<std::string>();
+      json sets = c.contains("patch_sets") ? c["patch_sets"]
+                  : m["environments"].contains(env) ? m["environments"][env].value("patch_sets", json::array({"none"}))
+                                                    : json::array({"none"});
+      for (const auto& model : c.value("models", json::array()))
+        for (const auto& ps : sets)
+          out[env].insert(ps == "none" ? model.get<std::string>() : model.get<std::string>() + "+" + ps.get<std::string>());
+    }
+  return out;
+}
+
 const std::set<std::string> kUserModelKeys = {"from", "like", "expect", "toyify", "seed", "labels", "patch_sets",
                                               "environments", "real"};
 const std::set<std::string> kToyifyKeys = {"layers", "hidden", "heads", "kv_heads", "ffn", "moe_ffn", "experts", "vocab"};
@@ -108,6 +125,7 @@ json merge_matrix(const MatrixLayers& l) {
   json m = read_json(base_file);
   absolutise(m, source_dir);
   m["tolerances"] = absolute_from(base_file.parent_path(), m.value("tolerances", std::string("tolerances.json")));
+  m["hazards"] = absolute_from(base_file.parent_path(), m.value("hazards", std::string("hazards.json")));
   json record = {{"base", base_file.string()}, {"layers", json::array()}, {"models", json::array()}, {"notes", json::array()}};
 
   // User models (with "from"), collected from layers and the command line, expanded below.
@@ -210,14 +228,19 @@ json merge_matrix(const MatrixLayers& l) {
       ++cells;
     }
     if (cells == 0) fail("user model '{}': its template '{}' has no cells in the environments asked for", name, like);
-    if (expect == "like")
+    if (expect == "like") {
+      const auto runs = variants_by_env(m);
       for (auto& [env_name, env] : m["environments"].items()) {
-        if (!env.contains("expect")) continue;
+        if (!env.contains("expect") || !runs.count(env_name)) continue;
         json add = json::object();
-        for (const auto& [key, outcome] : env["expect"].items())
-          if (key == like || key.starts_with(like + "+")) add[name + key.substr(like.size())] = outcome;
+        for (const auto& [key, outcome] : env["expect"].items()) {
+          if (key != like && !key.starts_with(like + "+")) continue;
+          const auto mine = name + key.substr(like.size());
+          if (runs.at(env_name).count(mine)) add[mine] = outcome;
+        }
         env["expect"].update(add);
       }
+    }
     record["models"].push_back({{"name", name}, {"from", from}, {"like", like}, {"expect", expect}, {"real", real}, {"cells", cells}});
   }
 
@@ -243,6 +266,18 @@ json merge_matrix(const MatrixLayers& l) {
       kept.push_back(c);
     }
     m["cells"] = kept;
+  }
+  if (l.user_only || !l.environments.empty()) {
+    // Cells were left out: expectations of variants that no longer run go too (the strict matrix
+    // refuses an expectation no cell can meet).
+    const auto runs = variants_by_env(m);
+    for (auto& [env_name, env] : m["environments"].items()) {
+      if (!env.contains("expect")) continue;
+      json kept = json::object();
+      for (const auto& [key, outcome] : env["expect"].items())
+        if (key.starts_with("_") || (runs.count(env_name) && runs.at(env_name).count(key))) kept[key] = outcome;
+      env["expect"] = kept;
+    }
   }
   m["_layers"] = record;
   return m;
