@@ -11,6 +11,7 @@ packages=(
   util-linux         # unshare: private mount namespaces for the rootfs environment
   python3            # the 'system' environment provider's tests
   libtorch-dev       # the libtorch backend: torch numerics without transformers (backends/libtorch)
+  libcurl4-openssl-dev libssl-dev  # `opensci-compat download`: the Hub client (harness/src/hub.cpp), sha256
 )
 
 missing=()

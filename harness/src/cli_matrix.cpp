@@ -11,6 +11,7 @@
 #include "opensci/harness/cell.hpp"
 #include "opensci/harness/environment.hpp"
 #include "opensci/harness/matrix.hpp"
+#include "opensci/harness/matrix_layers.hpp"
 #include "opensci/harness/patch.hpp"
 
 namespace opensci::cli {
@@ -99,6 +100,13 @@ void add_capture_command(CLI::App& app) {
   cmd->add_flag("--dump-state-dict,!--no-dump-state-dict", a->o.dump_state_dict, "dump parameters after loading");
   cmd->add_flag("!--no-worker", a->o.worker, "run a cold interpreter instead of the environment's capture worker");
   cmd->callback([a] {
+    if (fs::exists(a->o.model / harness::kUnavailableMarker)) {  // a user model not available here: Not Run
+      fs::create_directories(a->o.out);
+      fs::remove(a->o.out / "outcome.json");
+      fs::copy_file(a->o.model / harness::kUnavailableMarker, a->o.out / "SKIPPED", fs::copy_options::overwrite_existing);
+      fmt::print("capture unavailable: model {} is not available here\n", a->o.model.string());
+      throw CLI::RuntimeError(77);
+    }
     a->o.env_spec = harness::load_spec(a->spec);
     a->o.timeout = std::chrono::seconds(a->timeout_s);
     if (a->o.script_dir.empty()) a->o.script_dir = OPENSCI_SOURCE_DIR "/harness/python";
@@ -119,6 +127,13 @@ void add_patch_command(CLI::App& app) {
   cmd->add_option("--patch", a->patch, "patch JSON")->required()->check(CLI::ExistingFile);
   cmd->add_option("--out", a->out, "patched copy")->required();
   cmd->callback([a] {
+    if (fs::exists(fs::path(a->model) / harness::kUnavailableMarker)) {  // a user model not available here
+      fs::remove_all(a->out);
+      fs::create_directories(a->out);
+      fs::copy_file(fs::path(a->model) / harness::kUnavailableMarker, fs::path(a->out) / harness::kUnavailableMarker);
+      fmt::print("not run: model {} is not available here\n", a->model);
+      throw CLI::RuntimeError(77);
+    }
     const auto patch = harness::load_patch(a->patch);
     const auto r = harness::apply_patch(patch, a->model, a->out);
     fmt::print("patch '{}' (fixes {}) applied to {}:\n", patch.name, fmt::join(patch.fixes, ", "), a->out);

@@ -17,5 +17,9 @@ void add_worker_command(CLI::App& app);  // `env workers` (after add_env_command
 void add_cell_command(CLI::App& app);
 void add_patch_command(CLI::App& app);
 void add_report_command(CLI::App& app);
+void add_toyify_command(CLI::App& app);  // cli_user.cpp
+void add_download_command(CLI::App& app);  // cli_user.cpp
+void add_matrix_merge_command(CLI::App& app);  // cli_user.cpp: `matrix merge`
+void add_run_command(CLI::App& app);  // cli_user.cpp
 
 }  // namespace opensci::cli

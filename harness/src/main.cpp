@@ -19,6 +19,10 @@ int main(int argc, char** argv) {
   opensci::cli::add_cell_command(app);
   opensci::cli::add_patch_command(app);
   opensci::cli::add_report_command(app);
+  opensci::cli::add_toyify_command(app);
+  opensci::cli::add_download_command(app);
+  opensci::cli::add_matrix_merge_command(app);  // after add_matrix_command
+  opensci::cli::add_run_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {  // includes CLI::RuntimeError(code) thrown by a failed check

@@ -10,6 +10,7 @@
 
 #include "opensci/error.hpp"
 #include "opensci/harness/hazards.hpp"
+#include "opensci/harness/matrix_layers.hpp"
 
 namespace opensci::harness {
 namespace fs = std::filesystem;
@@ -175,10 +176,17 @@ Matrix load_matrix(const fs::path& file) {
   for (const auto& [name, unused] : j["models"].items()) {
     if (name.starts_with("_")) continue;
     const auto mj = root.key("models").key(name);
-    mj.object({"config", "remote_code", "seed", "toy_dtype", "labels"});
+    mj.object({"config", "remote_code", "seed", "toy_dtype", "labels", "toyify", "real"});
     MatrixModel model;
     model.name = name;
-    model.config = m.source_dir / mj.required_str("config");
+    if (mj.has("toyify") || mj.has("real")) {  // a user's model (matrix_layers.hpp): toyify / download
+      const auto kind = mj.has("toyify") ? "toyify" : "real";
+      if (mj.has("config") || (mj.has("toyify") && mj.has("real"))) mj.error("a user model has one of toyify, real (and no config)");
+      mj.key(kind).object({"from", "layers", "hidden", "heads", "kv_heads", "ffn", "moe_ffn", "experts", "vocab"}).required_str("from");
+      model.build = json{{kind, mj.j[kind]}};
+    } else {
+      model.config = m.source_dir / mj.required_str("config");
+    }
     if (mj.has("remote_code")) model.remote_code = m.source_dir / mj.key("remote_code").str();
     if (mj.has("seed")) {
       if (!mj.j["seed"].is_number_unsigned()) mj.key("seed").error("must be a non-negative integer");
@@ -412,6 +420,13 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
   }
   for (const auto& name : used_models) {
     const auto& model = m.models.at(name);
+    if (!model.build.is_null()) {  // toyify / download; 77 = not available here (Hub out of reach, not cached)
+      std::vector<std::string> args;
+      for (const auto& a : user_model_command(model, model_dir(o, model))) args.push_back(bracket(a));
+      add("toy/" + name, fmt::format("{}", fmt::join(args, " ")),
+          fmt::format("FIXTURES_SETUP toy.{} SKIP_RETURN_CODE 77 TIMEOUT 3600 LABELS \"matrix;toy;user\"", name));
+      continue;
+    }
     std::string cmd = fmt::format("toy --config {} --seed {} --out {} --dtype {}", bracket(model.config.string()),
                                   model.seed, bracket(model_dir(o, model).string()), model.toy_dtype);
     if (!model.remote_code.empty()) cmd += " --remote-code " + bracket(model.remote_code.string());
@@ -438,7 +453,7 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
       add("patch/" + c.variant,
           fmt::format("patch --model {} --patch {} --out {}", bracket(model_dir(o, *c.model).string()),
                       bracket(c.patch->static_patch.string()), bracket(model_dir(o, c).string())),
-          fmt::format("FIXTURES_SETUP {} FIXTURES_REQUIRED toy.{} LABELS \"matrix;patch\"", bracket(model_fixture),
+          fmt::format("FIXTURES_SETUP {} FIXTURES_REQUIRED toy.{} SKIP_RETURN_CODE 77 LABELS \"matrix;patch\"", bracket(model_fixture),
                       c.model->name));
     const auto required = c.env->golden() ? model_fixture : fmt::format("env.{};{}", c.env->name, model_fixture);
     const auto capture_props = [&](const std::string& name) {

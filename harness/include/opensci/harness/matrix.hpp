@@ -28,6 +28,9 @@ struct MatrixModel {
   uint64_t seed = 1;
   std::string toy_dtype = "f32";
   std::vector<std::string> labels;
+  // A user's model (matrix_layers.hpp): {"toyify": {"from": ..., sizes}} or {"real": {"from": ...}},
+  // built by `toyify` / `download` instead of `toy`; null for the project's toy configs.
+  nlohmann::json build;
 };
 
 // How a model is patched for a version: a static rewrite of a copy of the model dir
