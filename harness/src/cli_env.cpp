@@ -1,5 +1,7 @@
 // `env`: provision, inspect, list and use the isolated Python environments.
-//   env provision [--spec JSON_OR_FILE]   exit 0 ready, 77 unavailable (reason printed), 1 failed
+//   env provision [--spec JSON_OR_FILE] [--expect-transformers V] [--status-file F]
+//                                         exit 0 ready, 77 unavailable (reason printed), 1 failed
+//                                         (an env-error: cannot be installed, or transformers is not V)
 //   env status    [--spec JSON_OR_FILE]   exit 0 available (ready or buildable), 77 unavailable
 //   env list                              cached entries with their manifest summary
 //   env run       [--spec ...] [--dir D]... [--env K=V]... -- python args   (debug helper)
@@ -8,6 +10,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <cmath>
+#include <fstream>
 #include <memory>
 
 #include "commands.hpp"
@@ -25,7 +29,27 @@ struct EnvArgs {
   std::string spec;
   std::string cache_dir;
   bool quiet = false;
+  std::string expect_transformers;
+  std::string status_file;
 };
+
+// {"status": "ready"|"env-error"|"unavailable", "reason", "package", "resolver_message",
+//  "declared_transformers", "transformers", "torch", "torch_source", "python", "seconds", ...}
+// written atomically (F.tmp, rename); read by the report's grid.
+void write_status_file(const std::string& file, const nlohmann::json& status) {
+  if (file.empty()) return;
+  const fs::path path = fs::absolute(file);
+  std::error_code ec;
+  fs::create_directories(path.parent_path(), ec);
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << status.dump(2) << "\n";
+    if (!out) fail("env provision: cannot write the status file {}", tmp.string());
+  }
+  fs::rename(tmp, path, ec);
+  if (ec) fail("env provision: cannot rename {} to {}: {}", tmp.string(), path.string(), ec.message());
+}
 
 void add_common(CLI::App* cmd, EnvArgs& a) {
   cmd->add_option("--spec", a.spec, "environment spec: JSON object or file (default: debian-rootfs sid)");
@@ -68,22 +92,85 @@ void add_env_command(CLI::App& app) {
         env->add_subcommand("provision", "Build (or reuse) an environment; exit 0 ready, 77 unavailable, 1 failed");
     add_common(cmd, *a);
     cmd->add_flag("--quiet", a->quiet, "no progress lines");
+    cmd->add_option("--expect-transformers", a->expect_transformers,
+                    "the transformers version the matrix declares (5.12.1 exactly; 5.24 = the 5.24 line): another "
+                    "resolved version fails, naming both");
+    cmd->add_option("--status-file", a->status_file,
+                    "write {status: ready|env-error|unavailable, reason, package, resolver_message, versions, torch "
+                    "source, seconds} there");
     cmd->callback([a] {
       auto provider = provider_from(*a);
+      Progress progress("env " + provider->id(), a->quiet ? nullptr : stderr);
+      nlohmann::json status = {{"env", provider->id()},
+                               {"provider", provider->kind()},
+                               {"status", "unavailable"},
+                               {"reason", ""},
+                               {"package", ""},
+                               {"resolver_message", ""},
+                               {"declared_transformers", a->expect_transformers},
+                               {"transformers", ""},
+                               {"torch", ""},
+                               {"torch_source", ""},
+                               {"python", ""},
+                               {"seconds", 0.0}};
+      auto finish = [&](const std::string& state, const std::string& reason, int exit_code) {
+        status["status"] = state;
+        status["reason"] = reason;
+        status["seconds"] = std::round(progress.elapsed() * 10) / 10;
+        write_status_file(a->status_file, status);
+        if (exit_code != 0) throw CLI::RuntimeError(exit_code);
+      };
       const auto availability = provider->probe();
       if (!availability) {
         fmt::print("unavailable: {}: {}\n", provider->id(), availability.reason);
-        throw CLI::RuntimeError(kExitUnavailable);
+        finish("unavailable", availability.reason, kExitUnavailable);
       }
-      Progress progress("env " + provider->id(), a->quiet ? nullptr : stderr);
       if (!availability.ready) progress.note(availability.reason);
       try {
         const auto environment = provider->realise(progress);
+        status["env"] = environment.id;
+        status["transformers"] = environment.transformers_version;
+        status["torch"] = environment.torch_version;
+        status["torch_source"] = environment.torch_source;
+        status["python"] = environment.python_version;
+        if (environment.manifest.is_object()) {
+          status["cache_entry"] = environment.root.string();
+          if (environment.manifest.contains("resolved")) status["resolved"] = environment.manifest.at("resolved");
+          if (environment.manifest.contains("build_seconds") && environment.manifest.contains("built_at"))
+            status["built_at"] = environment.manifest.at("built_at");
+        }
         print_environment(environment);
+        if (!a->expect_transformers.empty() &&
+            !harness::transformers_version_matches(a->expect_transformers, environment.transformers_version)) {
+          const auto reason = fmt::format(
+              "the matrix declares transformers {} but environment {} has {} — the labels (v{}...) would lie; update "
+              "the matrix (scripts/release-line.py) or the environment",
+              a->expect_transformers, environment.id,
+              environment.transformers_version.empty()
+                  ? "none importable (" +
+                        (environment.import_errors.count("transformers") ? environment.import_errors.at("transformers")
+                                                                         : std::string("?")) +
+                        ")"
+                  : environment.transformers_version,
+              a->expect_transformers);
+          fmt::print(stderr, "env-error: {}: {}\n", provider->id(), reason);
+          status["package"] = "transformers";
+          finish("env-error", reason, 1);
+        }
         if (!a->quiet) progress.note(fmt::format("done in {:.1f} s", progress.elapsed()));
+        finish("ready", availability.reason, 0);
+      } catch (const harness::ProvisionError& e) {
+        status["package"] = e.package;
+        status["resolver_message"] = e.resolver_message;
+        if (e.status == "unavailable") {
+          fmt::print("unavailable: {}: {}\n", provider->id(), e.what());
+          finish("unavailable", e.what(), kExitUnavailable);
+        }
+        fmt::print(stderr, "env-error: {}: {}\n", provider->id(), e.what());
+        finish("env-error", e.what(), 1);
       } catch (const Error& e) {
         fmt::print(stderr, "failed: {}: {}\n", provider->id(), e.what());
-        throw CLI::RuntimeError(1);
+        finish("env-error", e.what(), 1);
       }
     });
   }

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <regex>
 #include <set>
+#include <sstream>
 
 #include "opensci/error.hpp"
 
@@ -40,6 +41,127 @@ std::string bracket(const std::string& s) { return "[==[" + s + "]==]"; }
 std::string cmake_list(const std::vector<std::string>& items) { return fmt::format("{}", fmt::join(items, ";")); }
 
 }  // namespace
+
+// ---------------------------------------------------------------- expectations by version range
+
+std::optional<std::vector<int>> parse_numeric_version(const std::string& version) {
+  static const std::regex numeric(R"(\d+(\.\d+)*)");
+  if (!std::regex_match(version, numeric)) return std::nullopt;
+  std::vector<int> out;
+  size_t start = 0;
+  while (start <= version.size()) {
+    const size_t dot = version.find('.', start);
+    out.push_back(std::stoi(version.substr(start, dot == std::string::npos ? std::string::npos : dot - start)));
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  return out;
+}
+
+namespace {
+int compare_versions(std::vector<int> a, std::vector<int> b) {
+  const size_t n = std::max(a.size(), b.size());
+  a.resize(n, 0);
+  b.resize(n, 0);
+  return a < b ? -1 : (a > b ? 1 : 0);
+}
+}  // namespace
+
+VersionRange parse_version_range(const std::string& text) {
+  VersionRange r;
+  r.text = text;
+  const auto trim = [](std::string s) {
+    s.erase(0, s.find_first_not_of(" \t"));
+    s.erase(s.find_last_not_of(" \t") + 1);
+    return s;
+  };
+  if (trim(text).empty() || trim(text) == "*") return r;
+  static const std::regex clause_re(R"((>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)(\.\*)?)");
+  std::stringstream ss(text);
+  std::string piece;
+  while (std::getline(ss, piece, ',')) {
+    const std::string c = trim(piece);
+    std::smatch m;
+    if (!std::regex_match(c, m, clause_re))
+      fail("version range \"{}\": clause \"{}\" is not <op><version> (op one of >= <= > < == !=, e.g. \">=5.0,<5.2\" or "
+           "\"==5.2.*\")",
+           text, c);
+    VersionRange::Clause cl;
+    cl.op = m[1].str();
+    cl.version = *parse_numeric_version(m[2].str());
+    cl.wildcard = m[3].matched;
+    if (cl.wildcard && cl.op != "==" && cl.op != "!=")
+      fail("version range \"{}\": \".*\" only goes with == or != (clause \"{}\")", text, c);
+    r.clauses.push_back(cl);
+  }
+  return r;
+}
+
+bool VersionRange::contains(const std::string& version) const {
+  const auto v = parse_numeric_version(version);
+  if (!v) fail("version range \"{}\": \"{}\" is not a numeric version", text, version);
+  for (const auto& c : clauses) {
+    bool ok;
+    if (c.wildcard) {
+      const bool prefix = v->size() >= c.version.size() && std::equal(c.version.begin(), c.version.end(), v->begin());
+      ok = c.op == "==" ? prefix : !prefix;
+    } else {
+      const int cmp = compare_versions(*v, c.version);
+      ok = (c.op == ">=" && cmp >= 0) || (c.op == "<=" && cmp <= 0) || (c.op == ">" && cmp > 0) ||
+           (c.op == "<" && cmp < 0) || (c.op == "==" && cmp == 0) || (c.op == "!=" && cmp != 0);
+    }
+    if (!ok) return false;
+  }
+  return true;
+}
+
+std::vector<Expectation> parse_expectations(const json& list, const std::string& where) {
+  std::vector<Expectation> out;
+  if (list.is_null()) return out;
+  if (!list.is_array()) fail("{}: 'expectations' must be a list of objects", where);
+  for (size_t i = 0; i < list.size(); ++i) {
+    const auto& e = list[i];
+    const auto at = fmt::format("{}: expectations[{}]", where, i);
+    if (!e.is_object()) fail("{}: expected an object, found {}", at, e.dump());
+    for (const auto& [key, value] : e.items())
+      if (key != "variant" && key != "transformers" && key != "outcome" && key != "evidence" && !key.starts_with("_"))
+        fail("{}: unknown key '{}' (allowed: variant, transformers, outcome, evidence)", at, key);
+    for (const char* key : {"variant", "transformers", "outcome", "evidence"})
+      if (!e.contains(key) || !e[key].is_string() || (e[key].get<std::string>().empty() && std::string(key) != "transformers"))
+        fail("{}: '{}' must be a non-empty string", at, key);
+    Expectation x;
+    x.index = i;
+    x.variant = e["variant"].get<std::string>();
+    try {
+      x.range = parse_version_range(e["transformers"].get<std::string>());
+    } catch (const Error& err) {
+      fail("{} ({}): {}", at, x.variant, err.what());
+    }
+    x.outcome = e["outcome"].get<std::string>();
+    if (x.outcome != "pass" && !(x.outcome.starts_with("xfail:") && x.outcome.size() > 6))
+      fail("{} ({}): outcome '{}' must be 'pass' or 'xfail:<hazard id>'", at, x.variant, x.outcome);
+    x.evidence = e["evidence"].get<std::string>();
+    out.push_back(std::move(x));
+  }
+  return out;
+}
+
+std::optional<std::string> expected_outcome(const std::vector<Expectation>& list, const std::string& variant,
+                                            const std::string& version, const std::string& where,
+                                            std::vector<bool>* used) {
+  if (!parse_numeric_version(version)) return std::nullopt;
+  const Expectation* found = nullptr;
+  for (const auto& e : list) {
+    if (e.variant != variant || !e.range.contains(version)) continue;
+    if (found && found->outcome != e.outcome)
+      fail("{}: expectations[{}] ({} on \"{}\": {}) and expectations[{}] (\"{}\": {}) disagree for transformers {}",
+           where, found->index, variant, found->range.text, found->outcome, e.index, e.range.text, e.outcome, version);
+    if (!found) found = &e;
+    if (used) (*used)[e.index] = true;
+  }
+  if (!found) return std::nullopt;
+  return found->outcome;
+}
 
 std::vector<std::string> MatrixEnvironment::version_labels() const {
   static const std::regex semver(R"((\d+)\.(\d+)(\..*)?)");
@@ -107,8 +229,13 @@ Matrix load_matrix(const fs::path& file) {
     m.environments[name] = env;
   }
 
+  m.expectations = parse_expectations(j.value("expectations", json()), where);
+  std::vector<bool> expectation_used(m.expectations.size(), false);
+
   std::set<std::string> names;
   for (const auto& cj : j.at("cells")) {
+    const auto tier = cj.value("tier", std::string("ci"));
+    if (tier != "ci" && tier != "nightly") fail("{}: cell tier '{}' must be 'ci' or 'nightly'", where, tier);
     const auto tokens_name = cj.value("tokens", std::string("padded"));
     if (!tokens.count(tokens_name)) fail("{}: cell uses tokens '{}', not declared under 'tokens'", where, tokens_name);
     const auto capture = cj.value("capture", json::object());
@@ -139,7 +266,12 @@ Matrix load_matrix(const fs::path& file) {
           c.reference.tolerance = rj.at("tolerance").get<std::string>();
           c.sp = parallel.value("sp", 1);
           c.ep = parallel.value("ep", 1);
-          c.expect = env.expect.count(c.variant) ? env.expect.at(c.variant) : cj.value("expect", std::string("pass"));
+          // The environment's own "expect" overrides the version-range list, which overrides the cell's.
+          const auto ranged = expected_outcome(m.expectations, c.variant, env.transformers, where, &expectation_used);
+          c.expect = env.expect.count(c.variant) ? env.expect.at(c.variant)
+                     : ranged                    ? *ranged
+                                                 : cj.value("expect", std::string("pass"));
+          c.tier = tier;
           if (c.expect != "pass" && !c.expect.starts_with("xfail:"))
             fail("{}: expected outcome '{}' for {}/{} must be 'pass' or 'xfail:<hazard id>'", where, c.expect, env_name,
                  model_name);
@@ -152,11 +284,16 @@ Matrix load_matrix(const fs::path& file) {
           if (!c.patch->unpatched()) c.labels.push_back(patch_name);
           for (const auto& l : env.version_labels()) c.labels.push_back(l);
           for (const auto& l : model.labels) c.labels.push_back(l);
+          if (c.tier == "nightly") c.labels.push_back("nightly");
           m.cells.push_back(c);
         }
       }
     }
   }
+  for (size_t i = 0; i < m.expectations.size(); ++i)
+    if (!expectation_used[i])
+      fail("{}: expectations[{}] ({} on transformers \"{}\") matches no cell: a typo, or a stale entry", where, i,
+           m.expectations[i].variant, m.expectations[i].range.text);
   return m;
 }
 
@@ -180,7 +317,11 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
                        bracket(name), properties);
   };
   std::set<std::string> used_models, used_envs, used_captures, used_patches;
-  for (const auto& c : m.cells) {
+  std::vector<const MatrixCell*> cells;  // the tier emitted: "ci" always, "nightly" on request
+  for (const auto& c : m.cells)
+    if (c.tier != "nightly" || o.nightly) cells.push_back(&c);
+  for (const auto* cp : cells) {
+    const auto& c = *cp;
     used_models.insert(c.model->name);
     if (!c.env->golden()) used_envs.insert(c.env->name);
   }
@@ -194,7 +335,12 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
   for (const auto& name : used_envs) {
     const auto& env = m.environments.at(name);
     // Provisioning a rootfs takes minutes on a cold cache; 77 = unavailable here (reason printed).
-    add("env/" + name, fmt::format("env provision --spec {}", bracket(env.spec.dump())),
+    // The env test verifies the resolved transformers against the declared one (labels never lie)
+    // and writes its status (ready / env-error / unavailable) for the report's grid.
+    add("env/" + name,
+        fmt::format("env provision --spec {}{} --status-file {}", bracket(env.spec.dump()),
+                    env.transformers == "unknown" ? "" : " --expect-transformers " + bracket(env.transformers),
+                    bracket((o.work / "envs" / (name + ".json")).string())),
         fmt::format("FIXTURES_SETUP env.{} SKIP_RETURN_CODE 77 TIMEOUT 3600 RESOURCE_LOCK env.{} LABELS \"{}\"", name,
                     name, cmake_list([&] {
                       std::vector<std::string> l{"matrix", "env", name, env.provider()};
@@ -202,7 +348,8 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
                       return l;
                     }())));
   }
-  for (const auto& c : m.cells) {
+  for (const auto* cp : cells) {
+    const auto& c = *cp;
     const auto cap = capture_dir(o, c);
     // The model a capture loads: the toy, or its statically patched copy.
     std::string model_fixture = "toy." + c.model->name;
