@@ -11,7 +11,7 @@ that speaks it), takes the newest non-yanked final release of every minor from t
     day), declared as the newest minor ("5.24": the env test fails, naming both versions, when
     the index has moved past it — run this script again);
   - the "environments" list of every cell marked "_release_line": true (all minors, in order,
-    plus "latest" where the cell lists it).
+    plus "latest" where the cell lists it), or "_release_line": "4.51" (the minors from 4.51 on).
 
 Without --write it prints what it found and what would change (exit 0). Standard library only.
 
@@ -136,7 +136,12 @@ def main(argv=None):
     for cell in matrix["cells"]:
         if not cell.get("_release_line"):
             continue
-        wanted = names + (["latest"] if "latest" in cell.get("environments", []) else [])
+        # "_release_line": "4.51" starts that cell's line at 4.51 (e.g. an architecture that older
+        # releases do not have); true = the whole line.
+        first = cell["_release_line"]
+        first = tuple(int(x) for x in first.split(".")) if isinstance(first, str) else start
+        wanted = [n for n, k in zip(names, line) if k >= first]
+        wanted += ["latest"] if "latest" in cell.get("environments", []) else []
         extra = [e for e in cell.get("environments", []) if e not in wanted and not (e.startswith(prefix) or e == "latest")]
         if cell.get("environments") != extra + wanted:
             changes.append(f"~ cell '{cell.get('_about', cell.get('models'))}': {len(wanted)} release-line environments")

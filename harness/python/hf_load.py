@@ -41,6 +41,9 @@ def library_versions():
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        # Which torch: a Debian package of a base rootfs (/usr/lib/python3/dist-packages) or a
+        # wheel from the index in the venv (the environment's manifest says where it came from).
+        "torch_file": getattr(torch, "__file__", None),
         "transformers": transformers.__version__,
         "transformers_file": getattr(transformers, "__file__", None),
         "numpy": numpy_version,
