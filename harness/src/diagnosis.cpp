@@ -32,6 +32,8 @@ std::optional<Finding> diagnose_error(const std::string& stage, const std::strin
   if (type == "KeyError" && has("default")) return Finding{"H2", "ROPE_INIT_FUNCTIONS has no 'default'", where};
   if (type == "AttributeError" && has("'list' object has no attribute 'keys'"))
     return Finding{"H4", "_tied_weights_keys must be a dict", where};
+  if (has("on the meta device") || has("Cannot copy out of meta tensor"))  // measured on 5.3.0 (matrix/MEASURED.md)
+    return Finding{"H17", "tensors left on the meta device after loading (tied lm_head not tied)", where};
   if (has("size mismatch") && (has("mlp.gate") || has("experts")))
     return Finding{"H13", "MoE config keys written by another major version", where};
   return Finding{"", "exception in the capture process", where};
