@@ -110,6 +110,8 @@ def main(argv=None):
         spec = json.loads(json.dumps(cfg["spec"]))
         spec["transformers"] = version
         entry = {"transformers": version, "spec": spec}
+        if "required" in cfg:
+            entry["required"] = cfg["required"]
         old = envs.get(name)
         if old is None:
             changes.append(f"+ {name}: {version}")
@@ -129,6 +131,8 @@ def main(argv=None):
     if old.get("transformers") != latest_declared:
         changes.append(f"~ latest: declared {old.get('transformers')} -> {latest_declared} (newest: {line[newest]})")
     envs["latest"] = dict(old, transformers=latest_declared, spec=latest_spec)
+    if "required" in cfg:
+        envs["latest"]["required"] = cfg["required"]
     envs["latest"].setdefault(
         "_about", "The newest release on the index, resolved once per UTC day; declared as the newest minor of the "
         "release line, so the env test fails (naming both versions) once the index moves on: rerun "

@@ -1,6 +1,7 @@
 #include "opensci/harness/capture.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cmath>
 #include <csignal>
@@ -11,6 +12,7 @@
 #include "opensci/error.hpp"
 #include "opensci/forward.hpp"
 #include "opensci/harness/environment.hpp"
+#include "opensci/harness/sha256.hpp"
 #include "opensci/safetensors.hpp"
 
 namespace opensci::harness {
@@ -54,6 +56,71 @@ std::string check_capture_output(const fs::path& output, const fs::path& tokens_
 
 namespace {
 
+// What a golden fixture must prove before it is replayed: every file it holds is the one
+// golden.json hashed (nothing added, removed or edited), and it was recorded for what this cell
+// asks: the variant, the shims, the dtype and device. Returns the problems, each naming its field.
+std::vector<std::string> verify_golden(const fs::path& src, const CaptureOptions& o) {
+  std::vector<std::string> problems;
+  json golden;
+  try {
+    std::ifstream in(src / "golden.json");
+    if (!in) return {fmt::format("{}: no golden.json (every golden fixture records the sha256 of its files)", src.string())};
+    golden = json::parse(in);
+  } catch (const json::exception& e) {
+    return {fmt::format("{}: golden.json is not valid JSON: {}", (src / "golden.json").string(), e.what())};
+  }
+  const auto files = golden.value("files", json::object());
+  if (!files.is_object() || files.empty()) problems.push_back("golden.json: 'files' lists no file hashes");
+  for (const auto& e : fs::directory_iterator(src)) {
+    const auto name = e.path().filename().string();
+    if (name == "golden.json") continue;
+    if (!files.contains(name)) problems.push_back(fmt::format("golden.json files: {} is in the fixture but not hashed", name));
+  }
+  for (const auto& [name, entry] : files.items()) {
+    const auto path = src / name;
+    if (!fs::exists(path)) {
+      problems.push_back(fmt::format("golden.json files.{}: listed but missing from {}", name, src.string()));
+      continue;
+    }
+    const auto want = entry.value("sha256", std::string());
+    const auto got = sha256_file(path);
+    if (got != want)
+      problems.push_back(fmt::format("golden.json files.{}.sha256: recorded {}, the file hashes to {} (edited after recording)",
+                                     name, want, got));
+  }
+  std::ifstream oin(src / "outcome.json");
+  json outcome;
+  try {
+    outcome = json::parse(oin);
+  } catch (const json::exception& e) {
+    problems.push_back(fmt::format("outcome.json: not valid JSON: {}", e.what()));
+    return problems;
+  }
+  const auto field = [&](const char* key) {
+    return outcome.contains(key) && outcome[key].is_string() ? outcome[key].get<std::string>() : std::string("<none>");
+  };
+  if (field("variant") != o.variant)
+    problems.push_back(fmt::format("outcome.json variant: recorded '{}', the cell asks for '{}'", field("variant"), o.variant));
+  if (field("dtype") != o.dtype)
+    problems.push_back(fmt::format("outcome.json dtype: recorded {}, the cell asks for {}", field("dtype"), o.dtype));
+  if (field("device") != o.device)
+    problems.push_back(fmt::format("outcome.json device: recorded {}, the cell asks for {}", field("device"), o.device));
+  std::vector<std::string> shims;
+  for (const auto& s : outcome.value("shims", json::array())) shims.push_back(s.is_string() ? s.get<std::string>() : s.dump());
+  auto want_shims = o.shims;
+  std::sort(shims.begin(), shims.end());
+  std::sort(want_shims.begin(), want_shims.end());
+  if (shims != want_shims)
+    problems.push_back(fmt::format("outcome.json shims: recorded [{}], the cell applies [{}]", fmt::join(shims, ", "),
+                                   fmt::join(want_shims, ", ")));
+  const auto genv = golden.value("environment", json::object());
+  const auto oenv = outcome.value("environment", json::object());
+  if (genv.value("transformers", std::string()) != oenv.value("transformers", std::string()))
+    problems.push_back(fmt::format("golden.json environment.transformers {} differs from outcome.json's {}",
+                                   genv.value("transformers", std::string()), oenv.value("transformers", std::string())));
+  return problems;
+}
+
 CaptureResult replay_golden(const CaptureOptions& o) {
   CaptureResult r;
   const auto slash = o.variant.find('/');
@@ -68,8 +135,13 @@ CaptureResult replay_golden(const CaptureOptions& o) {
   std::ifstream in(o.out / "outcome.json");
   r.outcome = json::parse(in);
   r.outcome["golden"] = src.string();
-  const auto recorded = r.outcome.value("status", std::string());
-  if (recorded == "ok") {
+  if (const auto problems = verify_golden(src, o); !problems.empty()) {
+    // A fixture that is not what it claims is never judged: the cell fails naming the field.
+    r.outcome["recorded_status"] = r.outcome.value("status", std::string());
+    r.outcome["status"] = "bad-output";
+    r.outcome["detail"] = fmt::format("golden capture {} fails verification: {}", src.string(), fmt::join(problems, "; "));
+    r.outcome["golden_problems"] = problems;
+  } else if (r.outcome.value("status", std::string()) == "ok") {
     // The committed output must be for the batch this cell asks for.
     if (auto problem = check_capture_output(o.out / "output.safetensors", o.tokens_file); !problem.empty()) {
       r.outcome["status"] = "bad-output";
@@ -90,7 +162,7 @@ CaptureResult replay_golden(const CaptureOptions& o) {
 CaptureResult run_capture(const CaptureOptions& o) {
   CaptureResult r;
   fs::create_directories(o.out);
-  for (const char* stale : {"SKIPPED", "outcome.json", "output.safetensors", "provenance.json", "error.json",
+  for (const char* stale : {"SKIPPED", "SKIPPED.json", "outcome.json", "output.safetensors", "provenance.json", "error.json",
                             "state_dict.safetensors", "stdout.log", "stderr.log"})
     fs::remove(o.out / stale);
   fs::remove_all(o.out / "run");
@@ -102,6 +174,7 @@ CaptureResult run_capture(const CaptureOptions& o) {
     r.status = CaptureStatus::Unavailable;
     r.detail = fmt::format("environment {} ({}) is unavailable here: {}", provider->id(), provider->kind(), availability.reason);
     std::ofstream(o.out / "SKIPPED") << r.detail << "\n";
+    std::ofstream(o.out / "SKIPPED.json") << json{{"reason", r.detail}, {"unreachable", availability.unreachable}}.dump(2) << "\n";
     return r;
   }
   Progress progress("env " + provider->id());
@@ -118,13 +191,31 @@ CaptureResult run_capture(const CaptureOptions& o) {
   if (o.hidden_states) args.push_back("--hidden-states");
   if (o.dump_state_dict) args.push_back("--dump-state-dict");
   for (const auto& s : o.shims) args.insert(args.end(), {"--shim", s});
-  auto spec = env.python(fs::absolute(o.script_dir) / "capture.py", args,
-                         {fs::absolute(o.script_dir), fs::absolute(o.model), fs::absolute(o.tokens_file).parent_path(),
-                          fs::absolute(o.out)},
-                         extra, std::chrono::duration_cast<std::chrono::milliseconds>(o.timeout));
-  spec.stdout_path = o.out / "stdout.log";
-  spec.stderr_path = o.out / "stderr.log";
-  const auto proc = run_process(spec);
+  const fs::path script = fs::absolute(o.script_dir) / "capture.py";
+  const std::vector<fs::path> host_dirs = {fs::absolute(o.script_dir), fs::absolute(o.model),
+                                           fs::absolute(o.tokens_file).parent_path(), fs::absolute(o.out)};
+  const auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(o.timeout);
+  std::string cold_why = "--no-worker";
+  if (const char* v = std::getenv("OPENSCI_CAPTURE_WORKER"); v && std::string(v) == "0") cold_why = "OPENSCI_CAPTURE_WORKER=0";
+  WorkerRun worker;
+  if (o.worker && cold_why == "--no-worker") {
+    worker = run_in_worker(env, {script, args, host_dirs, extra, o.out / "stdout.log", o.out / "stderr.log", timeout},
+                           o.worker_settings);
+    cold_why = worker.fallback_reason;
+    if (!worker.used) fmt::print(stderr, "capture: running cold: no capture worker: {}\n", cold_why);
+  }
+  ProcessResult proc;
+  json runner;
+  if (worker.used) {
+    proc = worker.proc;
+    runner = worker.record;
+  } else {
+    auto spec = env.python(script, args, host_dirs, extra, timeout);
+    spec.stdout_path = o.out / "stdout.log";
+    spec.stderr_path = o.out / "stderr.log";
+    proc = run_process(spec);
+    runner = {{"mode", "cold"}, {"why", cold_why}};
+  }
 
   json error;
   if (fs::exists(o.out / "error.json")) {
@@ -139,6 +230,13 @@ CaptureResult run_capture(const CaptureOptions& o) {
   if (proc.timed_out) {
     r.status = CaptureStatus::Timeout;
     r.detail = proc.describe();
+    if (worker.worker_lost) r.detail += "; " + worker.detail;
+  } else if (worker.worker_lost) {
+    r.status = CaptureStatus::Crash;
+    r.detail = worker.detail + "; its process group was killed";
+  } else if (worker.unclean || worker.setup_failed) {
+    r.status = CaptureStatus::Error;
+    r.detail = worker.detail;
   } else if (proc.signal != 0) {
     r.status = CaptureStatus::Crash;
     r.detail = proc.describe();
@@ -156,7 +254,8 @@ CaptureResult run_capture(const CaptureOptions& o) {
     r.detail = problem;
   } else {
     r.status = CaptureStatus::Ok;
-    r.detail = fmt::format("captured in {:.1f} s", proc.wall_seconds);
+    r.detail = fmt::format("captured in {:.2f} s{}", proc.wall_seconds,
+                           worker.used ? fmt::format(" (capture worker pid {})", runner.value("worker_pid", 0)) : "");
   }
   r.outcome = {{"status", capture_status_name(r.status)},
                {"detail", r.detail},
@@ -169,6 +268,7 @@ CaptureResult run_capture(const CaptureOptions& o) {
                {"timed_out", proc.timed_out},
                {"wall_seconds", proc.wall_seconds},
                {"stderr_tail", proc.stderr_tail},
+               {"runner", runner},
                {"error", error},
                {"environment",
                 {{"id", env.id},

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <fstream>
 #include <memory>
+#include <sstream>
 
 #include "commands.hpp"
 #include "opensci/error.hpp"
@@ -31,7 +32,19 @@ struct EnvArgs {
   bool quiet = false;
   std::string expect_transformers;
   std::string status_file;
+  std::string name, required = "no";
 };
+
+// OPENSCI_OPTIONAL_ENVS: comma-separated environment names (or "all") a run may leave Not Run
+// although the matrix requires them.
+bool env_is_optional(const std::string& name) {
+  const char* v = std::getenv("OPENSCI_OPTIONAL_ENVS");
+  if (!v) return false;
+  std::stringstream ss(v);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (item == "all" || item == name) return true;
+  return false;
+}
 
 // {"status": "ready"|"env-error"|"unavailable", "reason", "package", "resolver_message",
 //  "declared_transformers", "transformers", "torch", "torch_source", "python", "seconds", ...}
@@ -49,6 +62,28 @@ void write_status_file(const std::string& file, const nlohmann::json& status) {
   }
   fs::rename(tmp, path, ec);
   if (ec) fail("env provision: cannot rename {} to {}: {}", tmp.string(), path.string(), ec.message());
+}
+
+// Whether an unavailable environment fails the env test (the matrix requires it) or is Not Run.
+bool env_must_exist(const EnvArgs& a, const std::string& id, bool unreachable) {
+  const auto name = a.name.empty() ? id : a.name;
+  return !env_is_optional(name) && (a.required == "always" || (a.required == "when-reachable" && !unreachable));
+}
+
+std::string not_run_note(const EnvArgs& a, const std::string& id, bool must) {
+  if (a.required == "no" || must) return "";
+  return fmt::format(" (Not Run: {})", env_is_optional(a.name.empty() ? id : a.name) ? "listed in OPENSCI_OPTIONAL_ENVS"
+                                                                                      : "its index/mirror is unreachable");
+}
+
+void print_required_failure(const EnvArgs& a, const std::string& id, const std::string& reason) {
+  const auto name = a.name.empty() ? id : a.name;
+  fmt::print(stderr,
+             "failed: the matrix requires environment '{}' ({}) and it cannot be provided here: {} — a run that cannot "
+             "build it would test nothing live. To let it be Not Run on this machine, set OPENSCI_OPTIONAL_ENVS={} (or "
+             "=all).\n",
+             name, a.required == "always" ? "required: always" : "required unless its index is unreachable", reason,
+             name);
 }
 
 void add_common(CLI::App* cmd, EnvArgs& a) {
@@ -92,6 +127,11 @@ void add_env_command(CLI::App& app) {
         env->add_subcommand("provision", "Build (or reuse) an environment; exit 0 ready, 77 unavailable, 1 failed");
     add_common(cmd, *a);
     cmd->add_flag("--quiet", a->quiet, "no progress lines");
+    cmd->add_option("--name", a->name, "the matrix's name of the environment (for messages and OPENSCI_OPTIONAL_ENVS)");
+    cmd->add_option("--required", a->required,
+                    "no: unavailable = Not Run (77); always: unavailable = failure; when-reachable: failure unless "
+                    "the index/mirror it needs did not answer. OPENSCI_OPTIONAL_ENVS=<name>,...|all relaxes it")
+        ->check(CLI::IsMember({"no", "always", "when-reachable"}));
     cmd->add_option("--expect-transformers", a->expect_transformers,
                     "the transformers version the matrix declares (5.12.1 exactly; 5.24 = the 5.24 line): another "
                     "resolved version fails, naming both");
@@ -122,7 +162,13 @@ void add_env_command(CLI::App& app) {
       };
       const auto availability = provider->probe();
       if (!availability) {
-        fmt::print("unavailable: {}: {}\n", provider->id(), availability.reason);
+        const bool must = env_must_exist(*a, provider->id(), availability.unreachable);
+        fmt::print("unavailable: {}: {}{}\n", provider->id(), availability.reason, not_run_note(*a, provider->id(), must));
+        status["required"] = a->required;
+        if (must) {
+          print_required_failure(*a, provider->id(), availability.reason);
+          finish("unavailable", availability.reason, 1);
+        }
         finish("unavailable", availability.reason, kExitUnavailable);
       }
       if (!availability.ready) progress.note(availability.reason);
@@ -162,8 +208,14 @@ void add_env_command(CLI::App& app) {
       } catch (const harness::ProvisionError& e) {
         status["package"] = e.package;
         status["resolver_message"] = e.resolver_message;
-        if (e.status == "unavailable") {
-          fmt::print("unavailable: {}: {}\n", provider->id(), e.what());
+        if (e.status == "unavailable") {  // the index did not answer and the package cache cannot stand in
+          const bool must = env_must_exist(*a, provider->id(), true);
+          fmt::print("unavailable: {}: {}{}\n", provider->id(), e.what(), not_run_note(*a, provider->id(), must));
+          status["required"] = a->required;
+          if (must) {
+            print_required_failure(*a, provider->id(), e.what());
+            finish("unavailable", e.what(), 1);
+          }
           finish("unavailable", e.what(), kExitUnavailable);
         }
         fmt::print(stderr, "env-error: {}: {}\n", provider->id(), e.what());

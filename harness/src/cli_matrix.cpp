@@ -1,5 +1,6 @@
 // `matrix ctest`, `capture`, `cell`: the steps CTest runs for every matrix cell.
 #include <fmt/core.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 
@@ -13,8 +14,6 @@
 #include "opensci/harness/environment.hpp"
 #include "opensci/harness/matrix.hpp"
 #include "opensci/harness/patch.hpp"
-#include <fmt/ranges.h>
-#include "opensci/harness/report.hpp"
 
 namespace opensci::cli {
 namespace fs = std::filesystem;
@@ -44,6 +43,42 @@ void add_matrix_command(CLI::App& app) {
     fmt::print("{}: {} cells ({} of tier nightly, {})\n", a->out, m.cells.size(), nightly,
                a->nightly ? "emitted" : "not emitted: configure with -DOPENSCI_NIGHTLY=ON");
   });
+
+  struct ExplainArgs {
+    std::string matrix = OPENSCI_SOURCE_DIR "/matrix/matrix.json", work = "build/matrix", cell;
+  };
+  auto e = std::make_shared<ExplainArgs>();
+  auto* explain = matrix->add_subcommand("explain", "What one cell expands to and where its expectation comes from");
+  explain->add_option("cell", e->cell, "cell name (cell/<env>/<variant>/<tokens>/<dtype>-<device>/vs-<backend>-<precision>)")
+      ->required();
+  explain->add_option("--matrix", e->matrix, "matrix JSON")->check(CLI::ExistingFile);
+  explain->add_option("--work", e->work, "work dir of the build (for the paths shown)");
+  explain->callback([e] {
+    const auto m = harness::load_matrix(e->matrix);
+    harness::EmitOptions o{{}, fs::absolute(e->work), {}};
+    fmt::print("{}", harness::explain_cell(m, o, e->cell));
+  });
+
+  struct TallyArgs {
+    std::string matrix, work;
+    std::vector<std::string> exclude;
+    int min_live = 1;
+  };
+  auto t = std::make_shared<TallyArgs>();
+  auto* tally = matrix->add_subcommand(
+      "tally", "Count the cells that ran live, replayed goldens, or did not run (and why); fail when nothing ran live "
+               "or a required environment's cells did not run");
+  tally->add_option("--matrix", t->matrix, "matrix JSON")->required()->check(CLI::ExistingFile);
+  tally->add_option("--work", t->work, "work dir (results under <work>/results)")->required();
+  tally->add_option("--exclude-label", t->exclude, "cells with this label were not selected (repeatable)");
+  tally->add_option("--min-live", t->min_live, "fewest cells that must have run live (default 1)");
+  tally->callback([t] {
+    const auto m = harness::load_matrix(t->matrix);
+    harness::EmitOptions o{{}, fs::absolute(t->work), {}};
+    const auto r = harness::tally_cells(m, o, t->exclude, t->min_live);
+    fmt::print("{}", r.text);
+    if (!r.ok) throw CLI::RuntimeError(1);
+  });
 }
 
 void add_capture_command(CLI::App& app) {
@@ -68,6 +103,7 @@ void add_capture_command(CLI::App& app) {
   cmd->add_option("--script-dir", a->o.script_dir, "directory of capture.py")->default_str(OPENSCI_SOURCE_DIR "/harness/python");
   cmd->add_flag("--hidden-states,!--no-hidden-states", a->o.hidden_states, "capture per-layer tensors");
   cmd->add_flag("--dump-state-dict,!--no-dump-state-dict", a->o.dump_state_dict, "dump parameters after loading");
+  cmd->add_flag("!--no-worker", a->o.worker, "run a cold interpreter instead of the environment's capture worker");
   cmd->callback([a] {
     a->o.env_spec = harness::load_spec(a->spec);
     a->o.timeout = std::chrono::seconds(a->timeout_s);
@@ -103,42 +139,32 @@ void add_cell_command(CLI::App& app) {
   cmd->add_option("--name", o->name, "cell name")->required();
   cmd->add_option("--capture", o->capture, "capture directory")->required();
   cmd->add_option("--model", o->model, "model directory")->required();
+  cmd->add_option("--tokens-file", o->tokens_file, "the cell's prompt batch (token ids JSON): the capture must have run it")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--dtype", o->dtype, "dtype the cell asked transformers to run in (float32 | bfloat16 | float64)");
+  cmd->add_option("--variant", o->variant, "<model>/<patch set> the cell asked for");
+  cmd->add_option("--shim", o->shims, "runtime shim of the cell's patch set (repeatable)");
+  cmd->add_option("--transformers", o->transformers,
+                  "transformers version the matrix declares for the environment (checked against the capture)");
   cmd->add_option("--backend", o->backend, "reference backend");
   cmd->add_option("--precision", o->precision, "fp64 | fp32 | bf16");
   cmd->add_option("--tolerance-file", o->tolerance_file, "tolerances JSON")->required();
   cmd->add_option("--tolerance", o->tolerance, "tolerance name")->required();
+  cmd->add_option("--hazards", o->hazards_file, "hazard table (default: matrix/hazards.json of the source tree)");
   cmd->add_option("--expect", o->expect, "pass | xfail:<hazard>");
+  cmd->add_option("--counterfactual", o->counterfactual,
+                  "capture dir of the same run with the expected hazard's fix added (proves an xfail)");
   cmd->add_option("--result", o->result, "result JSON to write")->required();
   cmd->add_option("--labels", *labels, "comma-separated labels, recorded in the result");
+  cmd->add_option("--inject-reference-defect", o->reference_defect,
+                  "mutation tests only: make the reference commit a known defect (drop-bias:<tensor>, theta-x2, "
+                  "skip-qk-norm, swap-rope-halves); the cell must then fail");
   cmd->callback([o, labels] {
     std::stringstream ss(*labels);
     for (std::string l; std::getline(ss, l, ',');) o->labels.push_back(l);
     const int code = harness::run_cell(*o);
     if (code != 0) throw CLI::RuntimeError(code);
-  });
-}
-
-}  // namespace opensci::cli
-
-namespace opensci::cli {
-
-void add_report_command(CLI::App& app) {
-  struct Args {
-    std::string results, markdown, html;
-  };
-  auto a = std::make_shared<Args>();
-  auto* cmd = app.add_subcommand("report", "Render cell results as a table, Markdown and HTML");
-  cmd->add_option("--results", a->results, "directory of cell result JSON files")->required();
-  cmd->add_option("--markdown", a->markdown, "write Markdown here");
-  cmd->add_option("--html", a->html, "write a self-contained HTML page here");
-  cmd->callback([a] {
-    const auto results = harness::load_results(a->results);
-    if (results.empty()) fail("{}: no cell results (run the matrix first: ctest -L matrix)", a->results);
-    fmt::print("{}", harness::render_table(results));
-    if (!a->markdown.empty()) std::ofstream(a->markdown) << harness::render_markdown(results);
-    if (!a->html.empty()) std::ofstream(a->html) << harness::render_html(results);
-    const auto n = harness::count_verdicts(results);
-    if (n.fail + n.xpass > 0) throw CLI::RuntimeError(1);
   });
 }
 

@@ -107,7 +107,11 @@ class PipProvider final : public CachedProvider {
     std::string plan;
     if (base_) {
       const auto b = base_->probe();
-      if (!b) return Availability::no(fmt::format("base environment {}: {}", base_->id(), b.reason));
+      if (!b) {
+        auto no = Availability::no(fmt::format("base environment {}: {}", base_->id(), b.reason));
+        no.unreachable = b.unreachable;  // its mirror did not answer
+        return no;
+      }
       plan = fmt::format("a venv in the base {} ({})", base_->id(), b.ready ? "ready" : "built first: " + b.reason);
     } else if (!uv_) {
       const auto base = find_host_program(python_);
@@ -118,7 +122,9 @@ class PipProvider final : public CachedProvider {
       plan = "a venv of " + (python_.empty() ? std::string("the host's python") : python_);
     }
     if (uv_) {
-      if (const auto problem = uv_tool_problem(cache_root()); !problem.empty()) return Availability::no(problem);
+      bool unreachable = false;
+      if (const auto problem = uv_tool_problem(cache_root(), &unreachable); !problem.empty())
+        return unreachable ? Availability::offline(problem) : Availability::no(problem);
     }
     if (!find_links_.empty()) {
       std::error_code ec;
@@ -143,7 +149,7 @@ class PipProvider final : public CachedProvider {
         return Availability::yes(
             fmt::format("package index {} is not reachable ({}): will build {} ({}) offline from the uv cache {}",
                         index, problem, id(), plan, (cache_root() / "uv-cache").string()));
-      return Availability::no(fmt::format(
+      return Availability::offline(fmt::format(
           "package index {} is not reachable ({}) and no find_links wheel directory is given", index, problem));
     }
     return Availability::yes(

@@ -92,8 +92,9 @@ struct UvTool {
   std::string version;  // "uv 0.13.9 (...)"
   std::string source;   // how it got here
 };
-// "" when uv is ready or can be fetched here, else why not.
-std::string uv_tool_problem(const std::filesystem::path& cache_root);
+// "" when uv is ready or can be fetched here, else why not (*unreachable: because the index
+// it comes from did not answer).
+std::string uv_tool_problem(const std::filesystem::path& cache_root, bool* unreachable = nullptr);
 std::optional<UvTool> ready_uv_tool(const std::filesystem::path& cache_root);
 UvTool ensure_uv_tool(const std::filesystem::path& cache_root, Progress& progress);
 std::unique_ptr<EnvironmentProvider> make_overlay_provider(const nlohmann::json& spec,

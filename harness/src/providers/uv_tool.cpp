@@ -76,7 +76,8 @@ std::optional<UvTool> ready_uv_tool(const fs::path& cache_root) {
                             dir.string())};
 }
 
-std::string uv_tool_problem(const fs::path& cache_root) {
+std::string uv_tool_problem(const fs::path& cache_root, bool* unreachable) {
+  if (unreachable) *unreachable = false;
   if (const char* v = std::getenv("OPENSCI_UV"); v && *v) {
     if (!ready_uv_tool(cache_root))
       return fmt::format("$OPENSCI_UV={} is not an executable uv (`{} --version` failed)", v, v);
@@ -94,9 +95,11 @@ std::string uv_tool_problem(const fs::path& cache_root) {
         "uv is not in the cache and {} cannot create a venv to fetch it (`import venv, ensurepip`: {}) — on Debian: "
         "apt-get install python3-venv; or set OPENSCI_UV to a uv binary",
         python->string(), out);
-  if (const auto problem = check_url_reachable(pip_index()); !problem.empty())
+  if (const auto problem = check_url_reachable(pip_index()); !problem.empty()) {
+    if (unreachable) *unreachable = true;
     return fmt::format("uv is not in the cache and the index {} it comes from is not reachable ({})", pip_index(),
                        problem);
+  }
   return "";
 }
 
