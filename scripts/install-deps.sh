@@ -10,6 +10,7 @@ packages=(
   debootstrap        # builds the Debian sid environment (real transformers 5.12.1 + torch)
   util-linux         # unshare: private mount namespaces for the rootfs environment
   python3            # the 'system' environment provider's tests
+  python3-venv python3-pip  # uv comes from the index: a venv of python3 + `pip install uv` (<cache>/tools)
   libtorch-dev       # the libtorch backend: torch numerics without transformers (backends/libtorch)
   libcurl4-openssl-dev libssl-dev  # `opensci-compat download`: the Hub client (harness/src/hub.cpp), sha256
 )

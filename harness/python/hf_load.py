@@ -41,6 +41,9 @@ def library_versions():
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        # Which torch: a Debian package of a base rootfs (/usr/lib/python3/dist-packages) or a
+        # wheel from the index in the venv (the environment's manifest says where it came from).
+        "torch_file": getattr(torch, "__file__", None),
         "transformers": transformers.__version__,
         "transformers_file": getattr(transformers, "__file__", None),
         "numpy": numpy_version,
@@ -114,5 +117,13 @@ def load_model(model_dir, dtype, device, attn_impl, trust_remote_code):
     if attn_impl != "default":
         kwargs["attn_implementation"] = attn_impl
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    # A tensor still on the meta device was neither loaded nor initialised (measured: 5.3.0 leaves
+    # a tied lm_head there when the checkpoint has no lm_head.weight, H17). Name it, instead of
+    # torch's "Cannot copy out of meta tensor" from .to() below.
+    meta = [n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+            if t.device.type == "meta"]
+    if meta:
+        raise RuntimeError(f"from_pretrained left {len(meta)} tensor(s) on the meta device (neither loaded from "
+                           f"the checkpoint nor initialised): {', '.join(meta[:8])}")
     model = model.to(device).eval()
     return model, {k: str(v) for k, v in kwargs.items()}

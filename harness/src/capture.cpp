@@ -275,7 +275,8 @@ CaptureResult run_capture(const CaptureOptions& o) {
                  {"provider", env.provider},
                  {"python", env.python_version},
                  {"torch", env.torch_version},
-                 {"transformers", env.transformers_version}}}};
+                 {"transformers", env.transformers_version},
+                 {"torch_source", env.torch_source}}}};
   std::ofstream(o.out / "outcome.json.tmp") << r.outcome.dump(2) << "\n";
   fs::rename(o.out / "outcome.json.tmp", o.out / "outcome.json");
   return r;

@@ -1,5 +1,7 @@
 // `env`: provision, inspect, list and use the isolated Python environments.
-//   env provision [--spec JSON_OR_FILE]   exit 0 ready, 77 unavailable (reason printed), 1 failed
+//   env provision [--spec JSON_OR_FILE] [--expect-transformers V] [--status-file F]
+//                                         exit 0 ready, 77 unavailable (reason printed), 1 failed
+//                                         (an env-error: cannot be installed, or transformers is not V)
 //   env status    [--spec JSON_OR_FILE]   exit 0 available (ready or buildable), 77 unavailable
 //   env list                              cached entries with their manifest summary
 //   env run       [--spec ...] [--dir D]... [--env K=V]... -- python args   (debug helper)
@@ -8,6 +10,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <cmath>
+#include <fstream>
 #include <memory>
 #include <sstream>
 
@@ -26,6 +30,8 @@ struct EnvArgs {
   std::string spec;
   std::string cache_dir;
   bool quiet = false;
+  std::string expect_transformers;
+  std::string status_file;
   std::string name, required = "no";
 };
 
@@ -38,6 +44,46 @@ bool env_is_optional(const std::string& name) {
   for (std::string item; std::getline(ss, item, ',');)
     if (item == "all" || item == name) return true;
   return false;
+}
+
+// {"status": "ready"|"env-error"|"unavailable", "reason", "package", "resolver_message",
+//  "declared_transformers", "transformers", "torch", "torch_source", "python", "seconds", ...}
+// written atomically (F.tmp, rename); read by the report's grid.
+void write_status_file(const std::string& file, const nlohmann::json& status) {
+  if (file.empty()) return;
+  const fs::path path = fs::absolute(file);
+  std::error_code ec;
+  fs::create_directories(path.parent_path(), ec);
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << status.dump(2) << "\n";
+    if (!out) fail("env provision: cannot write the status file {}", tmp.string());
+  }
+  fs::rename(tmp, path, ec);
+  if (ec) fail("env provision: cannot rename {} to {}: {}", tmp.string(), path.string(), ec.message());
+}
+
+// Whether an unavailable environment fails the env test (the matrix requires it) or is Not Run.
+bool env_must_exist(const EnvArgs& a, const std::string& id, bool unreachable) {
+  const auto name = a.name.empty() ? id : a.name;
+  return !env_is_optional(name) && (a.required == "always" || (a.required == "when-reachable" && !unreachable));
+}
+
+std::string not_run_note(const EnvArgs& a, const std::string& id, bool must) {
+  if (a.required == "no" || must) return "";
+  return fmt::format(" (Not Run: {})", env_is_optional(a.name.empty() ? id : a.name) ? "listed in OPENSCI_OPTIONAL_ENVS"
+                                                                                      : "its index/mirror is unreachable");
+}
+
+void print_required_failure(const EnvArgs& a, const std::string& id, const std::string& reason) {
+  const auto name = a.name.empty() ? id : a.name;
+  fmt::print(stderr,
+             "failed: the matrix requires environment '{}' ({}) and it cannot be provided here: {} — a run that cannot "
+             "build it would test nothing live. To let it be Not Run on this machine, set OPENSCI_OPTIONAL_ENVS={} (or "
+             "=all).\n",
+             name, a.required == "always" ? "required: always" : "required unless its index is unreachable", reason,
+             name);
 }
 
 void add_common(CLI::App* cmd, EnvArgs& a) {
@@ -86,38 +132,97 @@ void add_env_command(CLI::App& app) {
                     "no: unavailable = Not Run (77); always: unavailable = failure; when-reachable: failure unless "
                     "the index/mirror it needs did not answer. OPENSCI_OPTIONAL_ENVS=<name>,...|all relaxes it")
         ->check(CLI::IsMember({"no", "always", "when-reachable"}));
+    cmd->add_option("--expect-transformers", a->expect_transformers,
+                    "the transformers version the matrix declares (5.12.1 exactly; 5.24 = the 5.24 line): another "
+                    "resolved version fails, naming both");
+    cmd->add_option("--status-file", a->status_file,
+                    "write {status: ready|env-error|unavailable, reason, package, resolver_message, versions, torch "
+                    "source, seconds} there");
     cmd->callback([a] {
       auto provider = provider_from(*a);
+      Progress progress("env " + provider->id(), a->quiet ? nullptr : stderr);
+      nlohmann::json status = {{"env", provider->id()},
+                               {"provider", provider->kind()},
+                               {"status", "unavailable"},
+                               {"reason", ""},
+                               {"package", ""},
+                               {"resolver_message", ""},
+                               {"declared_transformers", a->expect_transformers},
+                               {"transformers", ""},
+                               {"torch", ""},
+                               {"torch_source", ""},
+                               {"python", ""},
+                               {"seconds", 0.0}};
+      auto finish = [&](const std::string& state, const std::string& reason, int exit_code) {
+        status["status"] = state;
+        status["reason"] = reason;
+        status["seconds"] = std::round(progress.elapsed() * 10) / 10;
+        write_status_file(a->status_file, status);
+        if (exit_code != 0) throw CLI::RuntimeError(exit_code);
+      };
       const auto availability = provider->probe();
       if (!availability) {
-        const auto name = a->name.empty() ? provider->id() : a->name;
-        const bool optional = env_is_optional(name);
-        const bool must = !optional && (a->required == "always" || (a->required == "when-reachable" && !availability.unreachable));
+        const bool must = env_must_exist(*a, provider->id(), availability.unreachable);
+        fmt::print("unavailable: {}: {}{}\n", provider->id(), availability.reason, not_run_note(*a, provider->id(), must));
+        status["required"] = a->required;
         if (must) {
-          fmt::print("unavailable: {}: {}\n", provider->id(), availability.reason);
-          fmt::print(stderr,
-                     "failed: the matrix requires environment '{}' ({}) and it cannot be provided here: {} — a run "
-                     "that cannot build it would test nothing live. To let it be Not Run on this machine, set "
-                     "OPENSCI_OPTIONAL_ENVS={} (or =all).\n",
-                     name, a->required == "always" ? "required: always" : "required unless its index is unreachable",
-                     availability.reason, name);
-          throw CLI::RuntimeError(1);
+          print_required_failure(*a, provider->id(), availability.reason);
+          finish("unavailable", availability.reason, 1);
         }
-        fmt::print("unavailable: {}: {}{}\n", provider->id(), availability.reason,
-                   a->required != "no" ? fmt::format(" (Not Run: {})", optional ? "listed in OPENSCI_OPTIONAL_ENVS"
-                                                                              : "its index/mirror is unreachable")
-                                      : std::string());
-        throw CLI::RuntimeError(kExitUnavailable);
+        finish("unavailable", availability.reason, kExitUnavailable);
       }
-      Progress progress("env " + provider->id(), a->quiet ? nullptr : stderr);
       if (!availability.ready) progress.note(availability.reason);
       try {
         const auto environment = provider->realise(progress);
+        status["env"] = environment.id;
+        status["transformers"] = environment.transformers_version;
+        status["torch"] = environment.torch_version;
+        status["torch_source"] = environment.torch_source;
+        status["python"] = environment.python_version;
+        if (environment.manifest.is_object()) {
+          status["cache_entry"] = environment.root.string();
+          if (environment.manifest.contains("resolved")) status["resolved"] = environment.manifest.at("resolved");
+          if (environment.manifest.contains("build_seconds") && environment.manifest.contains("built_at"))
+            status["built_at"] = environment.manifest.at("built_at");
+        }
         print_environment(environment);
+        if (!a->expect_transformers.empty() &&
+            !harness::transformers_version_matches(a->expect_transformers, environment.transformers_version)) {
+          const auto reason = fmt::format(
+              "the matrix declares transformers {} but environment {} has {} — the labels (v{}...) would lie; update "
+              "the matrix (scripts/release-line.py) or the environment",
+              a->expect_transformers, environment.id,
+              environment.transformers_version.empty()
+                  ? "none importable (" +
+                        (environment.import_errors.count("transformers") ? environment.import_errors.at("transformers")
+                                                                         : std::string("?")) +
+                        ")"
+                  : environment.transformers_version,
+              a->expect_transformers);
+          fmt::print(stderr, "env-error: {}: {}\n", provider->id(), reason);
+          status["package"] = "transformers";
+          finish("env-error", reason, 1);
+        }
         if (!a->quiet) progress.note(fmt::format("done in {:.1f} s", progress.elapsed()));
+        finish("ready", availability.reason, 0);
+      } catch (const harness::ProvisionError& e) {
+        status["package"] = e.package;
+        status["resolver_message"] = e.resolver_message;
+        if (e.status == "unavailable") {  // the index did not answer and the package cache cannot stand in
+          const bool must = env_must_exist(*a, provider->id(), true);
+          fmt::print("unavailable: {}: {}{}\n", provider->id(), e.what(), not_run_note(*a, provider->id(), must));
+          status["required"] = a->required;
+          if (must) {
+            print_required_failure(*a, provider->id(), e.what());
+            finish("unavailable", e.what(), 1);
+          }
+          finish("unavailable", e.what(), kExitUnavailable);
+        }
+        fmt::print(stderr, "env-error: {}: {}\n", provider->id(), e.what());
+        finish("env-error", e.what(), 1);
       } catch (const Error& e) {
         fmt::print(stderr, "failed: {}: {}\n", provider->id(), e.what());
-        throw CLI::RuntimeError(1);
+        finish("env-error", e.what(), 1);
       }
     });
   }

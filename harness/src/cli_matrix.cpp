@@ -2,6 +2,8 @@
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
+
 #include <fstream>
 #include <thread>
 
@@ -20,6 +22,7 @@ namespace fs = std::filesystem;
 void add_matrix_command(CLI::App& app) {
   struct Args {
     std::string matrix, cli, work, out;
+    bool nightly = false;
   };
   auto a = std::make_shared<Args>();
   auto* matrix = app.add_subcommand("matrix", "Work with the declarative matrix (matrix/matrix.json)");
@@ -29,14 +32,17 @@ void add_matrix_command(CLI::App& app) {
   ctest->add_option("--cli", a->cli, "path of the opensci-compat binary the tests run")->required();
   ctest->add_option("--work", a->work, "work dir for toys, captures, results")->required();
   ctest->add_option("--out", a->out, "CMake file to write")->required();
+  ctest->add_flag("--nightly", a->nightly, "also emit the cells of tier \"nightly\" (label nightly)");
   ctest->callback([a] {
     const auto m = harness::load_matrix(a->matrix);
-    harness::EmitOptions o{fs::absolute(a->cli), fs::absolute(a->work), {}};
+    harness::EmitOptions o{fs::absolute(a->cli), fs::absolute(a->work), {}, a->nightly};
     const auto text = harness::emit_ctest(m, o);
     const auto tmp = a->out + ".tmp";
     std::ofstream(tmp) << text;
     fs::rename(tmp, a->out);
-    fmt::print("{}: {} cells\n", a->out, m.cells.size());
+    const auto nightly = std::count_if(m.cells.begin(), m.cells.end(), [](const auto& c) { return c.tier == "nightly"; });
+    fmt::print("{}: {} cells ({} of tier nightly, {})\n", a->out, m.cells.size(), nightly,
+               a->nightly ? "emitted" : "not emitted: configure with -DOPENSCI_NIGHTLY=ON");
   });
 
   struct ExplainArgs {

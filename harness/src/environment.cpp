@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <regex>
 #include <cerrno>
 #include <ctime>
 #include <fstream>
@@ -305,6 +306,7 @@ ProcessSpec Environment::command(std::vector<std::string> argv, const std::vecto
     spec.env = std::move(env);
   } else {
     for (const auto& p : python_path) dirs.push_back(p);
+    for (const auto& p : mounts) dirs.push_back(p);
     spec = detail::rootfs_spec(rootfs, argv, env, dirs, rootfs.parent_path() / "run");
   }
   spec.cwd = extra_env.at("HOME");
@@ -353,10 +355,12 @@ void discover_versions(Environment& env, std::chrono::milliseconds timeout) {
   const auto j = nlohmann::json::parse(payload);
   env.python_version = j.value("python", "");
   env.import_errors.clear();
+  env.module_files.clear();
   for (const char* name : {"torch", "transformers"}) {
     const auto& m = j.at("modules").at(name);
     std::string version = m.value("version", "");
     if (m.contains("error")) env.import_errors[name] = m.at("error").get<std::string>();
+    if (!m.value("path", std::string()).empty()) env.module_files[name] = m.at("path").get<std::string>();
     if (std::string(name) == "torch")
       env.torch_version = version;
     else
@@ -370,7 +374,8 @@ nlohmann::json versions_json(const Environment& env) {
   return {{"python", env.python_version},
           {"torch", env.torch_version},
           {"transformers", env.transformers_version},
-          {"import_errors", env.import_errors}};
+          {"import_errors", env.import_errors},
+          {"files", env.module_files}};
 }
 
 void apply_versions(Environment& env, const nlohmann::json& manifest) {
@@ -380,9 +385,88 @@ void apply_versions(Environment& env, const nlohmann::json& manifest) {
   env.torch_version = v.value("torch", "");
   env.transformers_version = v.value("transformers", "");
   if (v.contains("import_errors")) env.import_errors = v.at("import_errors").get<std::map<std::string, std::string>>();
+  if (v.contains("files")) env.module_files = v.at("files").get<std::map<std::string, std::string>>();
+  env.torch_source = manifest.value("torch_source", env.torch_source);
 }
 
 }  // namespace detail
+
+// ---------------------------------------------------------------- versions and installer failures
+
+bool transformers_version_matches(const std::string& declared, const std::string& resolved) {
+  if (declared.empty() || resolved.empty()) return false;
+  if (declared == resolved) return true;
+  auto split = [](const std::string& v) {
+    std::vector<std::string> parts;
+    std::stringstream ss(v);
+    std::string piece;
+    while (std::getline(ss, piece, '.')) parts.push_back(piece);
+    return parts;
+  };
+  const auto d = split(declared), r = split(resolved);
+  if (r.size() <= d.size()) return false;
+  for (size_t i = 0; i < d.size(); ++i)
+    if (d[i] != r[i]) return false;
+  // the rest must be plain release components: "5.24" is not "5.24.0rc1" nor "5.24.0.dev0"
+  for (size_t i = d.size(); i < r.size(); ++i)
+    if (r[i].empty() || !std::all_of(r[i].begin(), r[i].end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); }))
+      return false;
+  return true;
+}
+
+std::optional<InstallerFailure> parse_installer_failure(const std::string& log) {
+  // A distribution name as uv and pip print it (PEP 508 name, before any version specifier).
+  static const std::string name = R"(([A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9]|[A-Za-z0-9]))";
+  struct Pattern {
+    std::regex re;
+    int group;
+  };
+  static const std::vector<Pattern> patterns = {
+      // uv
+      {std::regex("there is no version of " + name), 1},
+      {std::regex("Because " + name + R"([=<>!~][^ ]* has no wheels)"), 1},
+      {std::regex("Because (?:only )?" + name + R"([=<>!~])"), 1},
+      {std::regex("Failed to (?:download and )?build `" + name), 1},
+      {std::regex("Failed to (?:download|fetch)[^`]*`" + name), 1},
+      // pip
+      {std::regex("No matching distribution found for " + name), 1},
+      {std::regex("Could not find a version that satisfies the requirement " + name), 1},
+      {std::regex("Cannot install " + name), 1},
+      {std::regex("Failed building wheel for " + name), 1},
+      {std::regex("Failed to build " + name), 1},
+  };
+  // The failure text: uv's "error:" block (with its cause/hint lines), pip's ERROR lines.
+  std::vector<std::string> lines;
+  {
+    std::stringstream ss(log);
+    std::string line;
+    while (std::getline(ss, line)) lines.push_back(line);
+  }
+  std::string message;
+  bool in_block = false;
+  for (const auto& line : lines) {
+    const bool starts = line.rfind("error:", 0) == 0 || line.rfind("ERROR:", 0) == 0 || line.rfind("  × ", 0) == 0 ||
+                        line.rfind("× ", 0) == 0;
+    if (starts) in_block = true;
+    if (!in_block) continue;
+    if (!message.empty()) message += "\n";
+    message += line;
+  }
+  while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+  if (message.empty()) return std::nullopt;
+  if (message.size() > 4000) message = message.substr(0, 4000) + "\n[...]";
+  InstallerFailure f;
+  f.message = message;
+  size_t best = std::string::npos;
+  for (const auto& p : patterns) {
+    std::smatch m;
+    if (std::regex_search(message, m, p.re) && static_cast<size_t>(m.position(0)) < best) {
+      best = static_cast<size_t>(m.position(0));
+      f.package = m[p.group].str();
+    }
+  }
+  return f;
+}
 
 // ---------------------------------------------------------------- cache machinery
 
@@ -466,17 +550,29 @@ CacheEntry ensure_cache_entry(const fs::path& envs_dir, const std::string& name,
     ~LockForSteps() { t_build_lock_fd = saved; }
     int saved;
   };
-  try {
-    const LockForSteps steps_hold_lock(lock.fd());
-    fields = build(partial, progress);
-  } catch (const std::exception& e) {
-    const fs::path failed_logs = envs_dir / (name + ".failed-logs");
+  const fs::path failed_logs = envs_dir / (name + ".failed-logs");
+  auto keep_logs = [&] {
     std::error_code ignore;
     fs::remove_all(failed_logs, ignore);
     fs::rename(partial / "logs", failed_logs, ignore);
     if (mounts_under(partial).empty()) fs::remove_all(partial, ignore);
+  };
+  try {
+    const LockForSteps steps_hold_lock(lock.fd());
+    fields = build(partial, progress);
+  } catch (const ProvisionError& e) {
+    keep_logs();
+    throw ProvisionError(
+        fmt::format("provisioning {} failed: {} (build logs kept in {})", name, e.what(), failed_logs.string()),
+        e.status, e.package, e.resolver_message);
+  } catch (const std::exception& e) {
+    keep_logs();
     throw Error(
         fmt::format("provisioning {} failed: {} (build logs kept in {})", name, e.what(), failed_logs.string()));
+  }
+  {  // a successful build leaves no stale failure logs behind
+    std::error_code ignore;
+    fs::remove_all(failed_logs, ignore);
   }
   nlohmann::json manifest = {
       {"schema", 1},
@@ -674,8 +770,8 @@ std::unique_ptr<EnvironmentProvider> make_provider(const nlohmann::json& spec, c
   const fs::path cache_root = options.cache_root.empty() ? default_cache_root() : fs::absolute(options.cache_root);
   if (kind == "debian-rootfs") return detail::make_debian_rootfs_provider(expanded, cache_root);
   if (kind == "system") return detail::make_system_provider(expanded);
-  if (kind == "venv") return detail::make_pip_provider(expanded, cache_root, false);
-  if (kind == "uv") return detail::make_pip_provider(expanded, cache_root, true);
+  if (kind == "venv") return detail::make_pip_provider(expanded, cache_root, false, ProviderOptions{cache_root});
+  if (kind == "uv") return detail::make_pip_provider(expanded, cache_root, true, ProviderOptions{cache_root});
   return detail::make_overlay_provider(expanded, cache_root, ProviderOptions{cache_root});
 }
 

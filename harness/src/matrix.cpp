@@ -7,6 +7,7 @@
 #include <ranges>
 #include <regex>
 #include <set>
+#include <sstream>
 
 #include "opensci/error.hpp"
 #include "opensci/harness/hazards.hpp"
@@ -132,6 +133,128 @@ std::vector<std::string> static_patch_hazards(const fs::path& file) {
 
 }  // namespace
 
+// ---------------------------------------------------------------- expectations by version range
+
+std::optional<std::vector<int>> parse_numeric_version(const std::string& version) {
+  static const std::regex numeric(R"(\d+(\.\d+)*)");
+  if (!std::regex_match(version, numeric)) return std::nullopt;
+  std::vector<int> out;
+  size_t start = 0;
+  while (start <= version.size()) {
+    const size_t dot = version.find('.', start);
+    out.push_back(std::stoi(version.substr(start, dot == std::string::npos ? std::string::npos : dot - start)));
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  return out;
+}
+
+namespace {
+int compare_versions(std::vector<int> a, std::vector<int> b) {
+  const size_t n = std::max(a.size(), b.size());
+  a.resize(n, 0);
+  b.resize(n, 0);
+  return a < b ? -1 : (a > b ? 1 : 0);
+}
+}  // namespace
+
+VersionRange parse_version_range(const std::string& text) {
+  VersionRange r;
+  r.text = text;
+  const auto trim = [](std::string s) {
+    s.erase(0, s.find_first_not_of(" \t"));
+    s.erase(s.find_last_not_of(" \t") + 1);
+    return s;
+  };
+  if (trim(text).empty() || trim(text) == "*") return r;
+  static const std::regex clause_re(R"((>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)(\.\*)?)");
+  std::stringstream ss(text);
+  std::string piece;
+  while (std::getline(ss, piece, ',')) {
+    const std::string c = trim(piece);
+    std::smatch m;
+    if (!std::regex_match(c, m, clause_re))
+      fail("version range \"{}\": clause \"{}\" is not <op><version> (op one of >= <= > < == !=, e.g. \">=5.0,<5.2\" or "
+           "\"==5.2.*\")",
+           text, c);
+    VersionRange::Clause cl;
+    cl.op = m[1].str();
+    cl.version = *parse_numeric_version(m[2].str());
+    cl.wildcard = m[3].matched;
+    if (cl.wildcard && cl.op != "==" && cl.op != "!=")
+      fail("version range \"{}\": \".*\" only goes with == or != (clause \"{}\")", text, c);
+    r.clauses.push_back(cl);
+  }
+  return r;
+}
+
+bool VersionRange::contains(const std::string& version) const {
+  const auto v = parse_numeric_version(version);
+  if (!v) fail("version range \"{}\": \"{}\" is not a numeric version", text, version);
+  for (const auto& c : clauses) {
+    bool ok;
+    if (c.wildcard) {
+      const bool prefix = v->size() >= c.version.size() && std::equal(c.version.begin(), c.version.end(), v->begin());
+      ok = c.op == "==" ? prefix : !prefix;
+    } else {
+      const int cmp = compare_versions(*v, c.version);
+      ok = (c.op == ">=" && cmp >= 0) || (c.op == "<=" && cmp <= 0) || (c.op == ">" && cmp > 0) ||
+           (c.op == "<" && cmp < 0) || (c.op == "==" && cmp == 0) || (c.op == "!=" && cmp != 0);
+    }
+    if (!ok) return false;
+  }
+  return true;
+}
+
+std::vector<Expectation> parse_expectations(const json& list, const std::string& where) {
+  std::vector<Expectation> out;
+  if (list.is_null()) return out;
+  if (!list.is_array()) fail("{}: 'expectations' must be a list of objects", where);
+  for (size_t i = 0; i < list.size(); ++i) {
+    const auto& e = list[i];
+    const auto at = fmt::format("{}: expectations[{}]", where, i);
+    if (!e.is_object()) fail("{}: expected an object, found {}", at, e.dump());
+    for (const auto& [key, value] : e.items())
+      if (key != "variant" && key != "transformers" && key != "outcome" && key != "evidence" && !key.starts_with("_"))
+        fail("{}: unknown key '{}' (allowed: variant, transformers, outcome, evidence)", at, key);
+    for (const char* key : {"variant", "transformers", "outcome", "evidence"})
+      if (!e.contains(key) || !e[key].is_string() || (e[key].get<std::string>().empty() && std::string(key) != "transformers"))
+        fail("{}: '{}' must be a non-empty string", at, key);
+    Expectation x;
+    x.index = i;
+    x.variant = e["variant"].get<std::string>();
+    try {
+      x.range = parse_version_range(e["transformers"].get<std::string>());
+    } catch (const Error& err) {
+      fail("{} ({}): {}", at, x.variant, err.what());
+    }
+    x.outcome = e["outcome"].get<std::string>();
+    if (x.outcome != "pass" && !(x.outcome.starts_with("xfail:") && x.outcome.size() > 6))
+      fail("{} ({}): outcome '{}' must be 'pass' or 'xfail:<hazard id>'", at, x.variant, x.outcome);
+    x.evidence = e["evidence"].get<std::string>();
+    out.push_back(std::move(x));
+  }
+  return out;
+}
+
+std::optional<std::string> expected_outcome(const std::vector<Expectation>& list, const std::string& variant,
+                                            const std::string& version, const std::string& where,
+                                            std::vector<bool>* used, size_t* index) {
+  if (!parse_numeric_version(version)) return std::nullopt;
+  const Expectation* found = nullptr;
+  for (const auto& e : list) {
+    if (e.variant != variant || !e.range.contains(version)) continue;
+    if (found && found->outcome != e.outcome)
+      fail("{}: expectations[{}] ({} on \"{}\": {}) and expectations[{}] (\"{}\": {}) disagree for transformers {}",
+           where, found->index, variant, found->range.text, found->outcome, e.index, e.range.text, e.outcome, version);
+    if (!found) found = &e;
+    if (used) (*used)[e.index] = true;
+  }
+  if (!found) return std::nullopt;
+  if (index) *index = found->index;
+  return found->outcome;
+}
+
 std::vector<std::string> MatrixEnvironment::version_labels() const {
   static const std::regex semver(R"((\d+)\.(\d+)(\..*)?)");
   std::smatch m;
@@ -155,7 +278,7 @@ Matrix load_matrix(const fs::path& file) {
   m.source_dir = m.file.parent_path().parent_path();
   const auto where = m.file.string();
   const At root{j, "", where};
-  root.object({"tolerances", "hazards", "tokens", "models", "patch_sets", "environments", "cells"});
+  root.object({"tolerances", "hazards", "tokens", "models", "patch_sets", "environments", "expectations", "cells"});
   m.tolerances = m.file.parent_path() / root.str("tolerances", "tolerances.json");
   m.hazards = m.file.parent_path() / root.str("hazards", "hazards.json");
   const auto table = HazardTable::load(m.hazards);
@@ -263,12 +386,18 @@ Matrix load_matrix(const fs::path& file) {
     m.environments[name] = env;
   }
 
+  m.expectations = parse_expectations(j.value("expectations", json()), where);
+  for (const auto& e : m.expectations)
+    if (e.outcome != "pass") table.at(e.outcome.substr(6), fmt::format("{}: expectations[{}]", where, e.index));
+  std::vector<bool> expectation_used(m.expectations.size(), false);
+
   std::set<std::string> names;
   std::map<std::string, std::set<std::string>> variants_of_env;  // to catch expect keys no cell uses
   if (!root.has("cells") || !j["cells"].is_array()) root.error("'cells' must be a list");
   for (size_t ci = 0; ci < j["cells"].size(); ++ci) {
     const auto cj = root.key("cells").index(ci);
-    cj.object({"environments", "models", "patch_sets", "tokens", "capture", "reference", "parallel", "expect"});
+    cj.object({"environments", "models", "patch_sets", "tokens", "capture", "reference", "parallel", "expect", "tier"});
+    const auto tier = cj.one_of("tier", "ci", {"ci", "nightly"});
     const auto tokens_name = cj.str("tokens", "padded");
     if (!tokens.count(tokens_name)) cj.key("tokens").error(fmt::format("tokens '{}' are not declared under 'tokens'", tokens_name));
     std::string dtype = "float32", device = "cpu";
@@ -330,13 +459,21 @@ Matrix load_matrix(const fs::path& file) {
           c.sp = static_cast<int>(sp);
           c.ep = static_cast<int>(ep);
           c.source = cj.path;
+          // The environment's own "expect" overrides the version-range list, which overrides the cell's.
+          size_t ranged_index = 0;
+          const auto ranged =
+              expected_outcome(m.expectations, c.variant, env.transformers, where, &expectation_used, &ranged_index);
           if (env.expect.count(c.variant)) {
             c.expect = env.expect.at(c.variant);
             c.expect_source = fmt::format("environments.{}.expect[\"{}\"]", env_name, c.variant);
+          } else if (ranged) {
+            c.expect = *ranged;
+            c.expect_source = fmt::format("expectations[{}]", ranged_index);
           } else {
             c.expect = cell_expect;
             c.expect_source = cj.has("expect") ? cj.path + ".expect" : std::string("default (pass)");
           }
+          c.tier = tier;
           c.capture_name = fmt::format("{}/{}/{}/{}-{}", env_name, c.variant, tokens_name, c.dtype, c.device);
           c.name = fmt::format("cell/{}/vs-{}-{}", c.capture_name, c.reference.backend, c.reference.precision);
           if (!names.insert(c.name).second) cj.error(fmt::format("two cells are both named '{}'", c.name));
@@ -356,6 +493,7 @@ Matrix load_matrix(const fs::path& file) {
           if (c.expect != "pass") c.labels.push_back("xfail");
           for (const auto& l : env.version_labels()) c.labels.push_back(l);
           for (const auto& l : model.labels) c.labels.push_back(l);
+          if (c.tier == "nightly") c.labels.push_back("nightly");
           m.cells.push_back(c);
         }
       }
@@ -367,6 +505,10 @@ Matrix load_matrix(const fs::path& file) {
       if (!variants_of_env[name].count(variant))
         fail("{}: environments.{}.expect[\"{}\"]: no cell of environment '{}' has variant '{}' (variants: {})", where,
              name, variant, name, variant, fmt::join(variants_of_env[name], ", "));
+  for (size_t i = 0; i < m.expectations.size(); ++i)
+    if (!expectation_used[i])
+      fail("{}: expectations[{}] ({} on transformers \"{}\") matches no cell: a typo, or a stale entry", where, i,
+           m.expectations[i].variant, m.expectations[i].range.text);
   return m;
 }
 
@@ -414,7 +556,11 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
                        bracket(name), properties);
   };
   std::set<std::string> used_models, used_envs, used_captures, used_patches;
-  for (const auto& c : m.cells) {
+  std::vector<const MatrixCell*> cells;  // the tier emitted: "ci" always, "nightly" on request
+  for (const auto& c : m.cells)
+    if (c.tier != "nightly" || o.nightly) cells.push_back(&c);
+  for (const auto* cp : cells) {
+    const auto& c = *cp;
     used_models.insert(c.model->name);
     if (!c.env->golden()) used_envs.insert(c.env->name);
   }
@@ -435,9 +581,14 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
   for (const auto& name : used_envs) {
     const auto& env = m.environments.at(name);
     // Provisioning a rootfs takes minutes on a cold cache; 77 = unavailable here (reason printed),
-    // unless the matrix requires the environment (then unavailable is a failure).
+    // unless the matrix requires the environment (then unavailable is a failure). The env test
+    // verifies the resolved transformers against the declared one (labels never lie) and writes
+    // its status (ready / env-error / unavailable) for the report's grid.
     add("env/" + name,
-        fmt::format("env provision --spec {} --name {} --required {}", bracket(env.spec.dump()), bracket(name), env.required),
+        fmt::format("env provision --spec {} --name {} --required {}{} --status-file {}", bracket(env.spec.dump()),
+                    bracket(name), env.required,
+                    env.transformers == "unknown" ? "" : " --expect-transformers " + bracket(env.transformers),
+                    bracket((o.work / "envs" / (name + ".json")).string())),
         fmt::format("FIXTURES_SETUP env.{} SKIP_RETURN_CODE 77 TIMEOUT 3600 RESOURCE_LOCK env.{} LABELS \"{}\"", name,
                     name, cmake_list([&] {
                       std::vector<std::string> l{"matrix", "env", name, env.provider()};
@@ -445,7 +596,8 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
                       return l;
                     }())));
   }
-  for (const auto& c : m.cells) {
+  for (const auto* cp : cells) {
+    const auto& c = *cp;
     const auto cap = capture_dir(o, c);
     // The model a capture loads: the toy, or its statically patched copy.
     const std::string model_fixture = model_fixture_of(c);

@@ -640,3 +640,171 @@ TEST_CASE("debian-rootfs provider: python runs inside the cached rootfs", "[envi
                                                      << "): runs create mountpoint dirs in the rootfs");
   }
 }
+
+// ---- index environments (issue 9): versions, installer failures, env-error vs Not Run ----
+
+TEST_CASE("transformers_version_matches: exact versions and release lines", "[environment]") {
+  CHECK(transformers_version_matches("5.12.1", "5.12.1"));
+  CHECK_FALSE(transformers_version_matches("5.12.1", "5.13.0"));  // a moved Debian package
+  CHECK_FALSE(transformers_version_matches("5.12.1", "5.12.10"));
+  CHECK_FALSE(transformers_version_matches("5.12.1", "5.12"));
+  CHECK(transformers_version_matches("5.24", "5.24.0"));
+  CHECK(transformers_version_matches("5.24", "5.24.3"));
+  CHECK_FALSE(transformers_version_matches("5.24", "5.25.0"));  // the index moved past "latest"
+  CHECK_FALSE(transformers_version_matches("5.2", "5.20.2"));
+  CHECK_FALSE(transformers_version_matches("5.24", "5.24.0rc1"));
+  CHECK_FALSE(transformers_version_matches("5.24", "5.24.0.dev0"));
+  CHECK_FALSE(transformers_version_matches("5.24", ""));  // not importable
+  CHECK_FALSE(transformers_version_matches("", "5.24.0"));
+}
+
+TEST_CASE("parse_installer_failure: the package and the message of uv and pip failures", "[environment]") {
+  // Real outputs of uv 0.13.9 and pip 25 (NO_COLOR, no terminal).
+  auto f = parse_installer_failure(
+      "Using Python 3.14.10 environment at: /x/venv\n"
+      "error: No solution found when resolving dependencies\n"
+      "  cause: Because there is no version of transformers==4.99.0 and you require transformers==4.99.0, we can "
+      "conclude that your requirements are unsatisfiable.\n");
+  REQUIRE(f);
+  CHECK(f->package == "transformers");
+  CHECK(f->message.rfind("error: No solution found", 0) == 0);
+  CHECK(f->message.find("Using Python") == std::string::npos);
+  f = parse_installer_failure(
+      "error: No solution found when resolving dependencies\n"
+      "  cause: Because torch==2.0.0 has no wheels with a matching Python ABI tag (e.g., `cp314`) and you require "
+      "torch==2.0.0, we can conclude that your requirements are unsatisfiable.\n\n"
+      "hint: You require CPython 3.14 (`cp314`), but we only found wheels for `torch` (v2.0.0) with the following "
+      "Python ABI tags: `cp38`, `cp39`, `cp310`, `cp311`\n");
+  REQUIRE(f);
+  CHECK(f->package == "torch");
+  CHECK(f->message.find("hint: You require CPython 3.14") != std::string::npos);
+  f = parse_installer_failure(
+      "error: No solution found when resolving dependencies\n"
+      "  cause: Because transformers==4.48.3 depends on tokenizers>=0.21,<0.22 and you require transformers==4.48.3, "
+      "we can conclude that you require tokenizers>=0.21,<0.22.\n"
+      "         And because you require tokenizers==0.22.0, we can conclude that your requirements are "
+      "unsatisfiable.\n");
+  REQUIRE(f);
+  CHECK(f->package == "transformers");
+  f = parse_installer_failure(
+      "Collecting transformers==4.99.0\n"
+      "ERROR: Could not find a version that satisfies the requirement transformers==4.99.0 (from versions: 4.48.3)\n"
+      "ERROR: No matching distribution found for transformers==4.99.0\n");
+  REQUIRE(f);
+  CHECK(f->package == "transformers");
+  CHECK(f->message.find("Collecting") == std::string::npos);
+  f = parse_installer_failure("ERROR: Failed building wheel for tokenizers\nerror: failed-wheel-build-for-install\n");
+  REQUIRE(f);
+  CHECK(f->package == "tokenizers");
+  CHECK_FALSE(parse_installer_failure("Resolved 18 packages in 862ms\nInstalled 18 packages in 321ms\n"));
+}
+
+namespace {
+// OPENSCI_UV for tests that need uv: the default cache's uv (fetched from the index by earlier
+// provisioning) or nothing, in which case the test says why it is skipped.
+std::string uv_for_tests() {
+  if (const char* v = std::getenv("OPENSCI_UV"); v && *v) return v;
+  const auto tools = default_cache_root() / "tools";
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(tools, ec))
+    if (e.path().filename().string().starts_with("uv-") && fs::exists(e.path() / "READY") &&
+        fs::exists(e.path() / "venv/bin/uv"))
+      return (e.path() / "venv/bin/uv").string();
+  return "";
+}
+struct ScopedEnv {
+  ScopedEnv(const char* k, const std::string& v) : key(k) {
+    if (const char* old = std::getenv(k)) saved = old;
+    ::setenv(k, v.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (saved)
+      ::setenv(key, saved->c_str(), 1);
+    else
+      ::unsetenv(key);
+  }
+  const char* key;
+  std::optional<std::string> saved;
+};
+}  // namespace
+
+TEST_CASE("uv provider: an unresolvable version is an env-error naming the package (real index)",
+          "[environment][index]") {
+  const auto uv = uv_for_tests();
+  if (uv.empty()) {
+    WARN("OPENSCI-SKIPPED: no uv in the cache yet (opensci-compat env provision of a uv environment fetches it)");
+    return;
+  }
+  const ScopedEnv use_uv("OPENSCI_UV", uv);
+  ScratchDir cache("env-uv-bad");
+  auto p = make_provider({{"provider", "uv"}, {"transformers", "4.99.0"}, {"python", "/usr/bin/python3"}},
+                         {cache.path()});
+  const auto a = p->probe();
+  if (!a.available) {
+    WARN("OPENSCI-SKIPPED: " << a.reason);
+    return;
+  }
+  Progress quiet("t", nullptr);
+  try {
+    p->realise(quiet);
+    FAIL("transformers==4.99.0 does not exist, yet the environment was provisioned");
+  } catch (const ProvisionError& e) {
+    CHECK(e.status == "env-error");
+    CHECK(e.package == "transformers");
+    CHECK(e.resolver_message.find("no version of transformers==4.99.0") != std::string::npos);
+    CHECK(std::string(e.what()).find("build logs kept in") != std::string::npos);
+  }
+  CHECK_FALSE(p->probe().ready);
+}
+
+TEST_CASE("uv provider: an unreachable index with an empty uv cache is unavailable, not an env-error",
+          "[environment][index]") {
+  const auto uv = uv_for_tests();
+  if (uv.empty()) {
+    WARN("OPENSCI-SKIPPED: no uv in the cache yet (opensci-compat env provision of a uv environment fetches it)");
+    return;
+  }
+  const ScopedEnv use_uv("OPENSCI_UV", uv);
+  ScratchDir cache("env-uv-offline");
+  const nlohmann::json spec = {{"provider", "uv"},
+                               {"transformers", "4.48.3"},
+                               {"python", "/usr/bin/python3"},
+                               {"index_url", "http://127.0.0.1:9/simple"}};
+  // no uv cache at all: Not Run at probe time
+  auto a = make_provider(spec, {cache.path()})->probe();
+  CHECK_FALSE(a.available);
+  CHECK(a.reason.find("package index http://127.0.0.1:9/simple is not reachable") != std::string::npos);
+  // a uv cache that lacks the packages: uv resolves offline, fails, and the failure is "unavailable"
+  fs::create_directories(cache / "uv-cache");
+  auto p = make_provider(spec, {cache.path()});
+  a = p->probe();
+  REQUIRE(a.available);
+  CHECK(a.reason.find("offline from the uv cache") != std::string::npos);
+  Progress quiet("t", nullptr);
+  try {
+    p->realise(quiet);
+    FAIL("provisioned offline from an empty uv cache");
+  } catch (const ProvisionError& e) {
+    CHECK(e.status == "unavailable");
+    CHECK(std::string(e.what()).find("cannot satisfy transformers==4.48.3 torch offline") != std::string::npos);
+  }
+}
+
+TEST_CASE("uv and venv specs: base rules", "[environment]") {
+  ScratchDir cache("env-uv-spec");
+  const ProviderOptions opt{cache.path()};
+  const nlohmann::json base = {{"provider", "debian-rootfs"}, {"suite", "sid"}};
+  REQUIRE_ERROR_MENTIONS(make_provider({{"provider", "uv"}, {"transformers", "5.0.0"}, {"base", base}, {"torch", "2.9"}}, opt),
+                         "\"torch\" cannot be combined with \"base\"");
+  REQUIRE_ERROR_MENTIONS(
+      make_provider({{"provider", "uv"}, {"transformers", "5.0.0"}, {"base", {{"provider", "system"}, {"python", "/usr/bin/python3"}}}},
+                    opt),
+      "\"base\" must be a debian-rootfs spec");
+  const auto p = make_provider({{"provider", "uv"}, {"transformers", "5.0.0"}, {"base", base}}, opt);
+  CHECK(p->id() == "uv-debian-sid-transformers-5.0.0");
+  CHECK(p->request().at("base").at("provider") == "debian-rootfs");
+  // a different base is a different environment
+  const auto q = make_provider(
+      {{"provider", "uv"}, {"transformers", "5.0.0"}, {"base", {{"provider", "debian-rootfs"}, {"suite", "trixie"}}}}, opt);
+  CHECK(request_hash(p->request()) != request_hash(q->request()));
+}

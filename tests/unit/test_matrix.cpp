@@ -206,3 +206,141 @@ TEST_CASE("static patches rewrite a copy and never silently do nothing") {
   opensci::test::write_text(dir / "s.json", R"({"name": "s", "rules": [{"hazard": "H1", "kind": "sed", "file": "*.py"}]})");
   REQUIRE_ERROR_MENTIONS(load_patch(dir / "s.json"), "unknown kind 'sed'");
 }
+
+// ---- expectations by version range, cell tiers, env provisioning flags (issue 9, environments) ----
+
+TEST_CASE("version ranges: clauses, wildcards, missing components, errors", "[matrix][expectations]") {
+  const auto r = parse_version_range(">=5.0, <5.2");
+  CHECK(r.clauses.size() == 2);
+  CHECK(r.contains("5.0.0"));
+  CHECK(r.contains("5.0"));
+  CHECK(r.contains("5.1.9"));
+  CHECK_FALSE(r.contains("5.2.0"));
+  CHECK_FALSE(r.contains("4.57.6"));
+  CHECK_FALSE(r.contains("5.10.4"));  // numeric, not lexicographic
+  CHECK(parse_version_range("<4.54").contains("4.53.3"));
+  CHECK_FALSE(parse_version_range("<4.54").contains("4.54.0"));
+  CHECK(parse_version_range("==5.2.*").contains("5.2.0"));
+  CHECK(parse_version_range("==5.2.*").contains("5.2"));
+  CHECK_FALSE(parse_version_range("==5.2.*").contains("5.20.2"));
+  CHECK(parse_version_range("!=5.2.*").contains("5.20.2"));
+  CHECK(parse_version_range("==5.24").contains("5.24.0"));  // missing components are 0
+  CHECK(parse_version_range("").contains("4.48.3"));
+  CHECK(parse_version_range("*").contains("5.24"));
+  CHECK(parse_version_range(">4.57.6").contains("5.0.0"));
+  CHECK_FALSE(parse_version_range(">4.57.6").contains("4.57.6"));
+  REQUIRE_ERROR_MENTIONS(parse_version_range(">=5.0;<5.2"), ">=5.0;<5.2", "not <op><version>");
+  REQUIRE_ERROR_MENTIONS(parse_version_range("~=5.0"), "clause \"~=5.0\"");
+  REQUIRE_ERROR_MENTIONS(parse_version_range(">=5.*"), "only goes with == or !=");
+  REQUIRE_ERROR_MENTIONS(parse_version_range(">=5.0").contains("latest"), "\"latest\" is not a numeric version");
+  CHECK_FALSE(parse_numeric_version("5.2.0rc1"));
+  CHECK(parse_numeric_version("5.10.4") == std::vector<int>{5, 10, 4});
+}
+
+TEST_CASE("expectations: the list is validated, applied by range, overridden per environment", "[matrix][expectations]") {
+  ScratchDir dir("matrix-exp");
+  std::filesystem::create_directories(dir / "matrix");
+  const auto file = dir / "matrix/m.json";
+  // Three versions of one model; H1 below 4.54, H2 from 5.0; tf-5.2 overrides its own cell.
+  const std::string base = R"({"tokens": {"t": "t.json"}, "models": {"m": {"config": "c.json"}},
+    "environments": {
+      "tf-4.48": {"transformers": "4.48.3", "spec": {"provider": "system", "python": "/usr/bin/python3"}},
+      "tf-5.0": {"transformers": "5.0.0", "spec": {"provider": "system", "python": "/usr/bin/python3"}},
+      "tf-5.2": {"transformers": "5.2.0", "spec": {"provider": "system", "python": "/usr/bin/python3"},
+                 "expect": {"m": "xfail:H3"}},
+      "latest": {"transformers": "latest", "spec": {"provider": "system", "python": "/usr/bin/python3"}}},
+    "expectations": EXPECTATIONS,
+    "cells": [{"environments": ["tf-4.48", "tf-5.0", "tf-5.2", "latest"], "models": ["m"], "tokens": "t",
+               "reference": [{"tolerance": "x"}], "expect": "pass" TIER}]})";
+  auto with = [&](const std::string& expectations, const std::string& tier = "") {
+    auto s = base;
+    s.replace(s.find("EXPECTATIONS"), 12, expectations);
+    s.replace(s.find(" TIER"), 5, tier);
+    opensci::test::write_text(file, s);
+    return file;
+  };
+  auto expect_of = [](const Matrix& m, const std::string& env) {
+    for (const auto& c : m.cells)
+      if (c.env->name == env) return c.expect;
+    return std::string("<no cell>");
+  };
+  const auto m = load_matrix(with(R"([
+      {"variant": "m", "transformers": "<4.54", "outcome": "xfail:H1", "evidence": "4.48.3: ImportError"},
+      {"variant": "m", "transformers": ">=5.0", "outcome": "xfail:H2", "evidence": "5.0.0: KeyError 'default'"}])"));
+  CHECK(m.expectations.size() == 2);
+  CHECK(expect_of(m, "tf-4.48") == "xfail:H1");
+  CHECK(expect_of(m, "tf-5.0") == "xfail:H2");
+  CHECK(expect_of(m, "tf-5.2") == "xfail:H3");  // the environment's own "expect" wins
+  CHECK(expect_of(m, "latest") == "pass");      // not a numeric version: the cell's expect
+  CHECK(expected_outcome(m.expectations, "m", "4.57.6", "x") == std::nullopt);
+  CHECK(expected_outcome(m.expectations, "m+hotfix", "5.0.0", "x") == std::nullopt);  // variants match exactly
+
+  // Validation: every message names the file and the entry.
+  REQUIRE_ERROR_MENTIONS(load_matrix(with(R"([{"variant": "m", "transformers": ">=5", "outcome": "xfail:H2"}])")),
+                         "m.json", "expectations[0]", "'evidence' must be a non-empty string");
+  REQUIRE_ERROR_MENTIONS(
+      load_matrix(with(R"([{"variant": "m", "transformers": ">=5", "outcome": "fail", "evidence": "e"}])")),
+      "expectations[0]", "outcome 'fail'");
+  REQUIRE_ERROR_MENTIONS(
+      load_matrix(with(R"([{"variant": "m", "transformers": "5.x", "outcome": "pass", "evidence": "e"}])")),
+      "expectations[0]", "clause \"5.x\"");
+  REQUIRE_ERROR_MENTIONS(load_matrix(with(
+                             R"([{"variant": "m", "transformers": ">=5", "outcome": "pass", "evidence": "e", "hazard": "H2"}])")),
+                         "unknown key 'hazard'");
+  REQUIRE_ERROR_MENTIONS(load_matrix(with(R"({"variant": "m"})")), "'expectations' must be a list");
+  // Two entries that disagree on one version: an error naming both.
+  REQUIRE_ERROR_MENTIONS(load_matrix(with(R"([
+      {"variant": "m", "transformers": ">=5.0", "outcome": "xfail:H2", "evidence": "e"},
+      {"variant": "m", "transformers": "==5.0.*", "outcome": "pass", "evidence": "e"}])")),
+                         "expectations[0]", "expectations[1]", "disagree for transformers 5.0.0");
+  // ...agreeing overlaps are fine
+  CHECK_NOTHROW(load_matrix(with(R"([
+      {"variant": "m", "transformers": ">=5.0", "outcome": "xfail:H2", "evidence": "e"},
+      {"variant": "m", "transformers": "==5.0.*", "outcome": "xfail:H2", "evidence": "e"}])")));
+  // An entry that matches no cell is a typo or stale.
+  REQUIRE_ERROR_MENTIONS(
+      load_matrix(with(R"([{"variant": "m+hotfix", "transformers": ">=5", "outcome": "pass", "evidence": "e"}])")),
+      "expectations[0]", "matches no cell");
+  REQUIRE_ERROR_MENTIONS(
+      load_matrix(with(R"([{"variant": "m", "transformers": ">=6", "outcome": "pass", "evidence": "e"}])")),
+      "matches no cell");
+
+  // Tiers: label nightly, emitted only on request.
+  const auto nightly = load_matrix(with("[]", R"(, "tier": "nightly")"));
+  REQUIRE(nightly.cells.size() == 4);
+  CHECK(nightly.cells[0].tier == "nightly");
+  CHECK(std::find(nightly.cells[0].labels.begin(), nightly.cells[0].labels.end(), "nightly") !=
+        nightly.cells[0].labels.end());
+  EmitOptions o{"/bin/opensci-compat", "/tmp/work", {}};
+  CHECK(emit_ctest(nightly, o).find("add_test(") == std::string::npos);  // no cell, no env, no toy
+  o.nightly = true;
+  CHECK(emit_ctest(nightly, o).find("add_test([==[cell/tf-5.0/m/t/float32-cpu/vs-cpu-fp64]==]") != std::string::npos);
+  REQUIRE_ERROR_MENTIONS(load_matrix(with("[]", R"(, "tier": "weekly")")), "tier 'weekly'");
+
+  // env/<name> verifies the declared version and writes its status for the report.
+  const auto text = emit_ctest(load_matrix(with("[]")), EmitOptions{"/bin/opensci-compat", "/tmp/work", {}});
+  CHECK(text.find("--expect-transformers [==[5.0.0]==] --status-file [==[/tmp/work/envs/tf-5.0.json]==]") !=
+        std::string::npos);
+}
+
+TEST_CASE("the project matrix: the release line, latest, expectations", "[matrix][expectations]") {
+  const auto m = load_matrix(opensci::test::source_dir() / "matrix/matrix.json");
+  // every minor from 4.48 to the newest, each declaring its exact newest patch release
+  std::vector<std::string> minors;
+  for (const auto& [name, env] : m.environments)
+    if (name.starts_with("tf-")) {
+      CHECK(env.provider() == "uv");
+      CHECK(env.spec.at("transformers") == env.transformers);
+      CHECK(env.spec.contains("base"));
+      minors.push_back(name);
+    }
+  CHECK(minors.size() >= 35);
+  for (const char* n : {"tf-4.48", "tf-4.57", "tf-5.0", "tf-5.24"}) CHECK(m.environments.count(n));
+  REQUIRE(m.environments.count("latest"));
+  const auto& latest = m.environments.at("latest");
+  CHECK(latest.spec.at("transformers") == "latest");
+  CHECK(parse_numeric_version(latest.transformers));  // declared as the newest minor: labels v5, v5.<minor>
+  CHECK(latest.version_labels().size() == 2);
+  // no overlay (local source trees) in the default matrix
+  for (const auto& [name, env] : m.environments) CHECK(env.provider() != "overlay");
+}

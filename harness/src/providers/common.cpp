@@ -153,6 +153,27 @@ std::map<std::string, std::string> host_tool_env() {
   return env;
 }
 
+std::map<std::string, std::string> index_tool_env() {
+  auto env = host_tool_env();
+  // Trust and index configuration of the user's installers (a TLS-intercepting proxy's CA, a
+  // private index) travel with them; everything else of the parent's environment stays out.
+  for (const char* key : {"SSL_CERT_FILE", "SSL_CERT_DIR", "PIP_CERT", "REQUESTS_CA_BUNDLE", "PIP_INDEX_URL",
+                          "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT", "UV_INDEX_URL",
+                          "UV_DEFAULT_INDEX", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_NATIVE_TLS", "UV_INSECURE_HOST",
+                          "UV_HTTP_TIMEOUT"})
+    if (const char* v = std::getenv(key); v && *v) env[key] = v;
+  return env;
+}
+
+std::string host_ca_bundle() {
+  if (const char* v = std::getenv("SSL_CERT_FILE"); v && *v && fs::is_regular_file(v)) return v;
+  for (const char* candidate : {"/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"}) {
+    std::error_code ec;
+    if (fs::is_regular_file(candidate, ec)) return candidate;
+  }
+  return "";
+}
+
 std::string sanitize_id(const std::string& text) {
   std::string out;
   for (char c : text) {

@@ -41,6 +41,12 @@ std::string check_url_reachable(const std::string& url, std::chrono::millisecond
 // Minimal env for host tools (debootstrap, apt-get, pip, uv): PATH, LANG plus the parent's
 // proxy variables (http_proxy, https_proxy, no_proxy and upper-case forms).
 std::map<std::string, std::string> host_tool_env();
+// host_tool_env() plus the installers' trust and index settings of the parent (SSL_CERT_FILE,
+// PIP_CERT, PIP_INDEX_URL, UV_INDEX_URL, UV_DEFAULT_INDEX, ...).
+std::map<std::string, std::string> index_tool_env();
+// The host's CA bundle ($SSL_CERT_FILE, else the distribution's); "" when none exists. Copied
+// into builds that run an installer inside a rootfs, whose own CA store lacks the host's CAs.
+std::string host_ca_bundle();
 // "/usr/bin/python3" -> "usr-bin-python3"
 std::string sanitize_id(const std::string& text);
 
@@ -74,7 +80,23 @@ std::unique_ptr<EnvironmentProvider> make_debian_rootfs_provider(const nlohmann:
                                                                  const std::filesystem::path& cache_root);
 std::unique_ptr<EnvironmentProvider> make_system_provider(const nlohmann::json& spec);
 std::unique_ptr<EnvironmentProvider> make_pip_provider(const nlohmann::json& spec,
-                                                       const std::filesystem::path& cache_root, bool use_uv);
+                                                       const std::filesystem::path& cache_root, bool use_uv,
+                                                       const ProviderOptions& options);
+
+// ---- uv, from the index ----
+// uv is never assumed installed: $OPENSCI_UV (a uv binary) when set, else a cache entry
+// <cache root>/tools/uv-<hash>/ holding a venv of the host's python3 with `pip install uv`
+// (built once under the cache lock, like an environment).
+struct UvTool {
+  std::filesystem::path exe;
+  std::string version;  // "uv 0.13.9 (...)"
+  std::string source;   // how it got here
+};
+// "" when uv is ready or can be fetched here, else why not (*unreachable: because the index
+// it comes from did not answer).
+std::string uv_tool_problem(const std::filesystem::path& cache_root, bool* unreachable = nullptr);
+std::optional<UvTool> ready_uv_tool(const std::filesystem::path& cache_root);
+UvTool ensure_uv_tool(const std::filesystem::path& cache_root, Progress& progress);
 std::unique_ptr<EnvironmentProvider> make_overlay_provider(const nlohmann::json& spec,
                                                            const std::filesystem::path& cache_root,
                                                            const ProviderOptions& options);

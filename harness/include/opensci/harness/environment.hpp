@@ -4,7 +4,10 @@
 //   {"provider": "debian-rootfs", "suite": "sid", "packages": [...]}     (the embedded default)
 //   {"provider": "system", "python": "/opt/torch/.venv/bin/python"}
 //   {"provider": "venv", "transformers": "4.57.6", "find_links": "${OPENSCI_WHEELHOUSE}"}
-//   {"provider": "uv", "transformers": "4.48.0"}
+//   {"provider": "uv", "transformers": "4.48.3"}                       (host python + torch from the index)
+//   {"provider": "uv", "transformers": "4.48.3", "base": {"provider": "debian-rootfs", ...}}
+//       (a venv with --system-site-packages inside the base rootfs: torch is the base's, the index
+//        resolves transformers and its dependencies; uv itself comes from the index, see uv_tool)
 //   {"provider": "overlay", "base": {...}, "transformers_src": "${OPENSCI_TRANSFORMERS_SRC_4_57}"}
 // Strings may use ${VAR} / ${VAR:-default}; an unset variable makes the provider unavailable
 // with a reason naming it. Everything a provider builds lives in one cache entry
@@ -23,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "opensci/error.hpp"
 #include "opensci/harness/process.hpp"
 
 namespace opensci::harness {
@@ -77,11 +81,18 @@ struct Environment {
   std::string torch_version;         // "" = not importable (see import_errors)
   std::string transformers_version;  // "" = not importable (see import_errors)
   std::map<std::string, std::string> import_errors;  // module -> "ModuleNotFoundError: ..." etc.
+  std::map<std::string, std::string> module_files;   // module -> its __file__ as seen inside (torch, transformers)
   std::filesystem::path root;                        // the cache entry dir (or the interpreter's prefix for system)
   std::filesystem::path python_exe;                  // as seen inside the environment
   std::filesystem::path rootfs;  // non-empty: processes run chrooted here, in a private mount namespace
   std::vector<std::filesystem::path> python_path;  // put FIRST on PYTHONPATH (overlay)
   std::string path_var;                            // PATH inside the environment
+  // Host dirs always made visible inside the rootfs (a venv that lives in the cache entry, not in
+  // the base rootfs it runs in).
+  std::vector<std::filesystem::path> mounts;
+  // Which torch the environment uses and where it came from, e.g. "Debian python3-torch
+  // 2.14.1+dfsg-1 (base rootfs debian-sid-0123...)" or "index: torch 2.15.0 in the venv".
+  std::string torch_source;
   nlohmann::json manifest;                         // READY manifest of the cache entry (null when none)
 
   // A process running `python script args...` in this environment.
@@ -116,6 +127,39 @@ std::map<std::string, std::string> private_run_env(const std::filesystem::path& 
 // Runs the environment's python to fill python/torch/transformers versions and import_errors.
 // Throws opensci::Error (with the stderr tail) when python itself cannot run.
 void discover_versions(Environment& env, std::chrono::milliseconds timeout = std::chrono::minutes(3));
+
+// A provisioning failure that says what went wrong in terms a matrix can show:
+//  - status "env-error": the environment cannot be installed (no wheel for this Python, a
+//    resolver conflict, a failed build step); `package` and `resolver_message` when an installer
+//    said so. Never a pass, never Not Run.
+//  - status "unavailable": it cannot be built HERE (index unreachable and the package cache
+//    cannot satisfy the request offline): Not Run with the reason.
+class ProvisionError : public opensci::Error {
+ public:
+  ProvisionError(const std::string& message, std::string status_, std::string package_ = {},
+                 std::string resolver_message_ = {})
+      : opensci::Error(message),
+        status(std::move(status_)),
+        package(std::move(package_)),
+        resolver_message(std::move(resolver_message_)) {}
+  std::string status;  // "env-error" | "unavailable"
+  std::string package;
+  std::string resolver_message;
+};
+
+// What a uv or pip resolver / installer failure says, read from its log: the package it names
+// ("" when none is recognisable) and the failure text (the "No solution found ..." block, pip's
+// ERROR lines). nullopt when the log holds no recognisable installer failure.
+struct InstallerFailure {
+  std::string package;
+  std::string message;
+};
+std::optional<InstallerFailure> parse_installer_failure(const std::string& log);
+
+// Whether the transformers version an environment resolved is the one the matrix declares:
+// "5.12.1" declares exactly 5.12.1; a shorter declaration "5.24" is the 5.24 line (5.24, 5.24.0,
+// 5.24.3, but not 5.24.0rc1 nor 5.25.0).
+bool transformers_version_matches(const std::string& declared, const std::string& resolved);
 
 class EnvironmentProvider {
  public:

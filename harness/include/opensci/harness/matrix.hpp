@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,43 @@ struct MatrixEnvironment {
   bool golden() const { return provider() == "golden"; }  // replays committed captures
 };
 
+// ---- expected outcomes by transformers version range (top-level "expectations") ----
+// A version range as pip writes one: comma-separated clauses, each "<op><version>" with op one of
+// >= <= > < == != and version "5", "5.2", "5.2.1" (missing components are 0), "==5.2.*" /
+// "!=5.2.*" for a whole line; "" or "*" = every version. All clauses must hold.
+struct VersionRange {
+  struct Clause {
+    std::string op;
+    std::vector<int> version;
+    bool wildcard = false;  // "==5.2.*"
+  };
+  std::string text;
+  std::vector<Clause> clauses;
+  // Throws opensci::Error for a version that is not numeric ("latest", "5.2.0rc1").
+  bool contains(const std::string& version) const;
+};
+VersionRange parse_version_range(const std::string& text);  // throws opensci::Error naming the bad clause
+// "5.12.1" -> {5, 12, 1}; nullopt when not purely numeric.
+std::optional<std::vector<int>> parse_numeric_version(const std::string& version);
+
+// {"variant": "<model>[+<patch set>]", "transformers": "<range>", "outcome": "pass|xfail:<H>",
+//  "evidence": "<what was measured>"}
+struct Expectation {
+  std::string variant;
+  VersionRange range;
+  std::string outcome;
+  std::string evidence;
+  size_t index = 0;  // position in the list (messages)
+};
+// Validates the list (unknown keys, missing/empty fields, range syntax, outcome form).
+std::vector<Expectation> parse_expectations(const nlohmann::json& list, const std::string& where);
+// The outcome the list gives `variant` on `version`; nullopt when no entry matches (or the version
+// is not numeric); throws when two matching entries disagree. `used` (optional) gets the index of
+// the entry that matched.
+std::optional<std::string> expected_outcome(const std::vector<Expectation>& list, const std::string& variant,
+                                            const std::string& version, const std::string& where,
+                                            std::vector<bool>* used = nullptr, size_t* index = nullptr);
+
 struct ReferenceRun {
   std::string backend = "cpu";     // cpu | libtorch | cuda | hip
   std::string precision = "fp64";  // fp64 (golden) | fp32 | bf16
@@ -78,6 +116,7 @@ struct MatrixCell {
   ReferenceRun reference;
   int sp = 1, ep = 1;
   std::string expect = "pass";
+  std::string tier = "ci";  // "ci" | "nightly" (label nightly; emitted only with EmitOptions::nightly)
   std::string expect_source;           // where the expectation came from ("environments.e.expect[\"m\"]", ...)
   std::string counterfactual_capture;  // capture name of the counterfactual run ("" when none)
   std::vector<std::string> counterfactual_shims;  // the cell's shims + the expected hazard's fix
@@ -90,6 +129,7 @@ struct Matrix {
   std::map<std::string, MatrixModel> models;
   std::map<std::string, PatchSet> patch_sets;
   std::map<std::string, MatrixEnvironment> environments;
+  std::vector<Expectation> expectations;
   std::vector<MatrixCell> cells;
 };
 
@@ -100,6 +140,7 @@ struct EmitOptions {
   std::filesystem::path cli;   // the opensci-compat binary
   std::filesystem::path work;  // toys, captures and results go here
   std::string python_dir;      // harness/python
+  bool nightly = false;        // also emit the cells of tier "nightly"
 };
 std::string emit_ctest(const Matrix& matrix, const EmitOptions& options);
 
