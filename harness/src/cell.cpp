@@ -11,6 +11,7 @@
 #include "opensci/harness/backends.hpp"
 #include "opensci/harness/compare.hpp"
 #include "opensci/harness/diagnosis.hpp"
+#include "opensci/parallel/cell_parallel.hpp"
 
 namespace opensci::harness {
 namespace fs = std::filesystem;
@@ -108,7 +109,13 @@ int run_cell(const CellOptions& o) {
     const auto tol = load_tolerance(o.tolerance_file, o.tolerance);
     const auto output = o.capture / "output.safetensors";
     const auto tokens = batch_of(output);
-    const auto ref = run_reference(o.backend, ck, tokens, o.precision, true);
+    // sp/ep cells: the sharded reference on real ranks, checked against the unsharded one first.
+    const auto sharded = parallel::run_parallel_reference(o, ck, tokens, result);
+    if (sharded.status == parallel::ParallelReference::Status::NotRun) return finish("not-run", 77, sharded.summary);
+    if (sharded.status == parallel::ParallelReference::Status::Failed) return finish("fail", 1, sharded.summary);
+    const auto ref = sharded.status == parallel::ParallelReference::Status::Ok
+                         ? sharded.reference
+                         : run_reference(o.backend, ck, tokens, o.precision, true);
     const auto ref_path = fs::path(o.result).replace_extension(".reference.safetensors");
     fs::create_directories(ref_path.parent_path());
     write_forward_result(ref, tokens, ref_path, {{"producer", "opensci-compat reference"}, {"backend", o.backend}, {"precision", o.precision}});

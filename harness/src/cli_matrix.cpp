@@ -104,6 +104,9 @@ void add_cell_command(CLI::App& app) {
   cmd->add_option("--expect", o->expect, "pass | xfail:<hazard>");
   cmd->add_option("--result", o->result, "result JSON to write")->required();
   cmd->add_option("--labels", *labels, "comma-separated labels, recorded in the result");
+  cmd->add_option("--sp", o->sp, "sequence-parallel size of the reference (> 1: sharded ranks, parallel/)");
+  cmd->add_option("--ep", o->ep, "expert-parallel size of the reference (> 1: sharded ranks, parallel/)");
+  cmd->add_option("--parallel-timeout", o->parallel_timeout_s, "seconds the sharded job may run (default 120)");
   cmd->callback([o, labels] {
     std::stringstream ss(*labels);
     for (std::string l; std::getline(ss, l, ',');) o->labels.push_back(l);

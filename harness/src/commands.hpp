@@ -16,5 +16,6 @@ void add_env_command(CLI::App& app);
 void add_cell_command(CLI::App& app);
 void add_patch_command(CLI::App& app);
 void add_report_command(CLI::App& app);
+void add_parallel_commands(CLI::App& app);  // forward-sharded (parallel/src/cli_parallel.cpp)
 
 }  // namespace opensci::cli

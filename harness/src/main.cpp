@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   opensci::cli::add_cell_command(app);
   opensci::cli::add_patch_command(app);
   opensci::cli::add_report_command(app);
+  opensci::cli::add_parallel_commands(app);  // parallel/src/cli_parallel.cpp
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {  // includes CLI::RuntimeError(code) thrown by a failed check

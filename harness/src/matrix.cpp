@@ -112,7 +112,10 @@ Matrix load_matrix(const fs::path& file) {
     const auto tokens_name = cj.value("tokens", std::string("padded"));
     if (!tokens.count(tokens_name)) fail("{}: cell uses tokens '{}', not declared under 'tokens'", where, tokens_name);
     const auto capture = cj.value("capture", json::object());
-    const auto parallel = cj.value("parallel", json::object());
+    // "parallel": {"sp": N, "ep": N}, or a list of them (one cell per layout; parallel/README.md).
+    const json layouts = cj.contains("parallel") && cj["parallel"].is_array()
+                             ? cj["parallel"]
+                             : json::array({cj.value("parallel", json::object())});
     for (const auto& env_name : string_list(cj, "environments", where)) {
       if (!m.environments.count(env_name)) fail("{}: cell names environment '{}', which is not declared", where, env_name);
       const auto& env = m.environments.at(env_name);
@@ -124,7 +127,8 @@ Matrix load_matrix(const fs::path& file) {
         for (const auto& ps : cell_patches)
           if (!m.patch_sets.count(ps)) fail("{}: cell uses patch set '{}', which is not declared", where, ps);
         for (const auto& patch_name : cell_patches)
-        for (const auto& rj : cj.at("reference")) {
+        for (const auto& rj : cj.at("reference"))
+        for (const auto& parallel : layouts) {
           MatrixCell c;
           c.env = &env;
           c.model = &model;
@@ -145,11 +149,15 @@ Matrix load_matrix(const fs::path& file) {
                  model_name);
           c.capture_name = fmt::format("{}/{}/{}/{}-{}", env_name, c.variant, tokens_name, c.dtype, c.device);
           c.name = fmt::format("cell/{}/vs-{}-{}", c.capture_name, c.reference.backend, c.reference.precision);
+          if (c.sp * c.ep > 1)  // sp2, ep4, sp2xep2 (ranks = sp * ep)
+            c.name += c.sp > 1 && c.ep > 1 ? fmt::format("/sp{}xep{}", c.sp, c.ep)
+                                           : (c.sp > 1 ? fmt::format("/sp{}", c.sp) : fmt::format("/ep{}", c.ep));
           if (!names.insert(c.name).second) fail("{}: two cells are both named '{}'", where, c.name);
           c.labels = {"matrix", "cell", env_name, env.provider(), c.reference.backend, short_dtype(c.dtype),
                       fmt::format("sp{}", c.sp), fmt::format("ep{}", c.ep), model_name,
                       c.patch->unpatched() ? "unpatched" : "patched"};
           if (!c.patch->unpatched()) c.labels.push_back(patch_name);
+          if (c.sp * c.ep > 1) c.labels.push_back("parallel");
           for (const auto& l : env.version_labels()) c.labels.push_back(l);
           for (const auto& l : model.labels) c.labels.push_back(l);
           m.cells.push_back(c);
@@ -229,7 +237,7 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
                       "PROCESSORS 2 LABELS \"matrix;capture;{}\"",
                       bracket("capture." + c.capture_name), bracket(required), c.env->name));
     }
-    const std::string cmd = fmt::format(
+    std::string cmd = fmt::format(
         "cell --name {} --capture {} --model {} --backend {} --precision {} --tolerance-file {} --tolerance {} "
         "--expect {} --result {} --labels {}",
         bracket(c.name), bracket(cap.string()), bracket(model_dir(o, c).string()), c.reference.backend,
@@ -238,6 +246,10 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
     std::string props = fmt::format("FIXTURES_REQUIRED {} SKIP_RETURN_CODE 77 TIMEOUT 600 LABELS \"{}\"",
                                     bracket("capture." + c.capture_name), cmake_list(c.labels));
     if (c.reference.backend == "cuda" || c.reference.backend == "hip") props += " RESOURCE_GROUPS gpus:1";
+    if (c.sp * c.ep > 1) {  // the sharded reference runs sp * ep MPI ranks (parallel/)
+      cmd += fmt::format(" --sp {} --ep {}", c.sp, c.ep);
+      props += fmt::format(" PROCESSORS {}", c.sp * c.ep);
+    }
     add(c.name, cmd, props);
   }
   return out;
