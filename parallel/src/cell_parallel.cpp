@@ -162,6 +162,12 @@ ParallelReference run_parallel_reference(const harness::CellOptions& o, const Ch
   lo.ep = o.ep;
   lo.hidden_states = true;
   lo.timeout = std::chrono::seconds(o.parallel_timeout_s);
+  // Fault tests (tests/parallel): a rank that crashes, hangs, ... on purpose. Always said aloud.
+  if (const char* fault = std::getenv("OPENSCI_PARALLEL_FAULT"); fault && *fault) {
+    lo.inject_fault = fault;
+    par["injected_fault"] = fault;
+    fmt::print("  {}: injecting rank fault '{}' (OPENSCI_PARALLEL_FAULT)\n", label, fault);
+  }
   const auto launch = launch_sharded(lo);
   par["launch"] = launch.to_json();
   for (const auto& k : launch.ranks)

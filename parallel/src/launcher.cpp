@@ -64,17 +64,6 @@ std::vector<int> session_members(int sid) {
   return pids;
 }
 
-// Kills what is left of the job's session (ranks live in process groups of their own, and a
-// rank's children in theirs); returns how many were still alive.
-int kill_session(int sid) {
-  if (sid <= 1) return 0;
-  auto pids = session_members(sid);
-  const int found = static_cast<int>(pids.size());
-  for (int pid : pids) ::kill(pid, SIGKILL);
-  for (int i = 0; i < 100 && !session_members(sid).empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  return found;
-}
-
 std::string tail_lines(const std::string& text, size_t max_lines) {
   size_t at = text.size(), lines = 0;
   while (at > 0 && lines <= max_lines) {
@@ -120,6 +109,15 @@ std::string join_ranks(const std::vector<int>& ranks) {
 }
 
 }  // namespace
+
+int kill_job_session(int sid) {
+  if (sid <= 1 || sid == ::getsid(0)) return 0;  // never our own session
+  auto pids = session_members(sid);
+  const int found = static_cast<int>(pids.size());
+  for (int pid : pids) ::kill(pid, SIGKILL);
+  for (int i = 0; i < 100 && !session_members(sid).empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  return found;
+}
 
 bool launcher_available(std::string* reason) {
 #if !defined(OPENSCI_HAVE_MPI)
@@ -206,7 +204,7 @@ LaunchResult launch_sharded(const LaunchOptions& o) {
   } catch (const std::exception&) {
     sid = 0;
   }
-  res.strays_killed = kill_session(sid) + proc.strays_killed;
+  res.strays_killed = kill_job_session(sid) + proc.strays_killed;
 
   const auto log = read_text(o.work / "mpiexec.log");
   const auto said = parse_mpiexec(log);

@@ -124,7 +124,7 @@ void linear(Real* out, const Real* x, const Real* w, const Real* b, int64_t rows
 
 [[noreturn]] void hang_forever() {
   // A grandchild in this rank's process group, as a hung rank that started a helper would have.
-  if (std::system("sleep 987654 &") != 0) std::fprintf(stderr, "could not start the grandchild sleep\n");
+  if (std::system("sleep 918273 &") != 0) std::fprintf(stderr, "could not start the grandchild sleep\n");
   for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
 }
 
@@ -365,9 +365,8 @@ struct Sharded {
         index.push_back(static_cast<int64_t>(here.size()));
         index.insert(index.end(), here.begin(), here.end());
         payload.insert(payload.end(), h + t * H, h + (t + 1) * H);
-        // Analytic: the token once to each other rank holding one of its experts, and one
-        // output back per (token, expert) there.
-        if (p != me) minimum += static_cast<uint64_t>(H * (1 + static_cast<int64_t>(here.size()))) * es;
+        // Analytic: the token once to each other rank holding one of its experts.
+        if (p != me) minimum += static_cast<uint64_t>(H) * es;
       }
       idx_counts[static_cast<size_t>(p)] = static_cast<int64_t>(index.size() - i0);
       pay_counts[static_cast<size_t>(p)] = static_cast<int64_t>(payload.size() - p0);
@@ -433,6 +432,8 @@ struct Sharded {
           at += 1 + static_cast<size_t>(rindex[at]);
         }
         out_counts[static_cast<size_t>(q)] = pairs * H;
+        // Analytic: one output per (token, expert) goes back to each other rank's tokens.
+        if (q != me) minimum += static_cast<uint64_t>(pairs * H) * es;
       }
       for (int p = 0; p < P; ++p) {
         int64_t pairs = 0;

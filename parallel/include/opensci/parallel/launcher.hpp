@@ -60,6 +60,12 @@ bool launcher_available(std::string* reason);
 
 LaunchResult launch_sharded(const LaunchOptions& options);
 
+// Kills every live process of session `sid` (SIGKILL) and waits for them to go; returns how many
+// there were. The launcher calls it on mpiexec's session after every job: if mpiexec itself was
+// killed (SIGKILL after the grace period), the ranks die with it (PR_SET_PDEATHSIG) but what they
+// started lives on in process groups of its own.
+int kill_job_session(int sid);
+
 // Stage names the sharded forward reports while it waits for its peers in a collective.
 bool is_collective_stage(const std::string& stage);
 

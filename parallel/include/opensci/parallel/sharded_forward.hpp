@@ -35,7 +35,7 @@ namespace opensci::parallel {
 // A fault a rank injects on purpose, for the fault tests: --inject-fault RANK:KIND[@LAYER].
 //   crash     SIGSEGV (raise) in layer LAYER's attention
 //   abort     std::abort() there
-//   hang      sleeps forever there, with a grandchild `sleep 987654` in its process group
+//   hang      sleeps forever there, with a grandchild `sleep 918273` in its process group
 //   exit      std::_Exit(0) there (an early exit without MPI_Finalize)
 //   error     throws an opensci::Error there (the rank reports it and aborts the job)
 //   positions uses local instead of global positions for RoPE (a numeric fault: must fail the cell)
