@@ -11,6 +11,7 @@ packages=(
   util-linux         # unshare: private mount namespaces for the rootfs environment
   python3            # the 'system' environment provider's tests
   libtorch-dev       # the libtorch backend: torch numerics without transformers (backends/libtorch)
+  libopenmpi-dev openmpi-bin   # MPI ranks of the sharded (sp/ep) reference forward (parallel/)
 )
 
 missing=()
