@@ -77,6 +77,20 @@ def distributed_kwargs(mode, transformers, config):
     return {"distributed_config": DistributedConfig(enable_expert_parallel=True)}, {"base_model_ep_plan": plan}
 
 
+def checkpoint_shapes(model_dir):
+    """name -> shape of every tensor in the model's safetensors files (headers only)."""
+    import struct
+
+    shapes = {}
+    for fname in sorted(os.listdir(model_dir)):
+        if fname.endswith(".safetensors"):
+            with open(os.path.join(model_dir, fname), "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
 def run(args, prov, progress):
     progress["stage"] = "import"
     import torch
@@ -115,9 +129,26 @@ def run(args, prov, progress):
     prov["from_pretrained_kwargs"] = {k: str(v) for k, v in kwargs.items()}
     prov["tp_size"] = getattr(model, "_tp_size", None)
     prov["device_mesh"] = str(getattr(model, "_device_mesh", None))
-    sharded = [n for n, p in model.named_parameters() if type(p.data).__name__ == "DTensor" or
-               (hasattr(p, "placements"))]
-    prov["dtensor_parameters"] = len(sharded)
+    # Evidence that the model really is sharded (a replicated model would compare trivially):
+    # parameters whose local shape on this rank is smaller than in the checkpoint.
+    on_disk = checkpoint_shapes(args.model)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    sharded = {}
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        full = on_disk.get(name)
+        if full is not None and list(local.shape) != full:
+            sharded[name] = {"local": list(local.shape), "checkpoint": full}
+        elif full is None and name.endswith((".experts.gate_up_proj", ".experts.down_proj")) and \
+                local.shape[0] < experts:  # fused experts [E, ...]: the checkpoint stores them one by one
+            sharded[name] = {"local": list(local.shape), "experts": experts}
+        elif full is None and hasattr(p, "placements"):
+            sharded[name] = {"local": list(local.shape), "placements": str(p.placements)}
+    prov["sharded_parameters"] = len(sharded)
+    prov["sharded_examples"] = dict(list(sharded.items())[:4])
+    if not sharded:
+        raise RuntimeError(f"{args.mode} x{world}: from_pretrained({', '.join(kwargs)}) left every parameter whole on "
+                           f"rank {rank}: nothing was sharded")
 
     progress["stage"] = "forward"
     tokens = capture.read_tokens(args.tokens_file)
