@@ -27,6 +27,20 @@ using namespace opensci;
 
 namespace {
 
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// The machine's 1-minute load average: wall times on a shared machine mean little when it exceeds the cores.
+double load_average() {
+  std::ifstream in("/proc/loadavg");
+  double l = 0;
+  in >> l;
+  return l;
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
@@ -53,6 +67,7 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "timed repetitions per size (median over them, max over ranks)");
   app.add_option("--json", json_out, "write the figures as JSON");
   CLI11_PARSE(app, argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // figures as they come, also into a log file
 
   try {
     const fs::path model = fs::path(work) / "model";
@@ -83,19 +98,23 @@ int main(int argc, char** argv) {
     omp_set_num_threads(cores);
     openblas_set_num_threads(cores);
     forward(ck, tokens, {Precision::Fast, false});  // page in the mapped weights
-    std::vector<double> unsharded;
+    std::vector<double> unsharded, unsharded_cpu;
     for (int r = 0; r < repeats; ++r) {
       const auto t0 = std::chrono::steady_clock::now();
+      const double c0 = process_cpu_seconds();
       forward(ck, tokens, {Precision::Fast, false});
       unsharded.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      unsharded_cpu.push_back(process_cpu_seconds() - c0);
     }
     fmt::print("shape: hidden {}, {} layers, {} heads ({} kv), head_dim {}, vocab {}{}; batch {} x seq {}; {} cores\n",
                c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size,
                c.is_moe() ? fmt::format(", {} experts top-{}", c.num_experts, c.num_experts_per_tok) : "", batch, seq,
                cores);
-    fmt::print("unsharded fp32 forward (this process, {} threads): median {:.3f} s\n", cores, median(unsharded));
+    fmt::print("unsharded fp32 forward (this process, {} threads): median {:.3f} s wall, {:.3f} CPU-s; load average {:.1f}\n",
+               cores, median(unsharded), median(unsharded_cpu), load_average());
     nlohmann::json out = {{"seq", seq}, {"batch", batch}, {"cores", cores}, {"mode", mode},
-                          {"unsharded_s", median(unsharded)}, {"sizes", nlohmann::json::array()}};
+                          {"unsharded_s", median(unsharded)}, {"unsharded_cpu_s", median(unsharded_cpu)},
+                          {"sizes", nlohmann::json::array()}};
 
     std::stringstream ss(ranks_text);
     for (std::string item; std::getline(ss, item, ',');) {
@@ -115,11 +134,16 @@ int main(int argc, char** argv) {
       const auto r = parallel::launch_sharded(lo);
       if (!r.ok) fail("{} ranks: {}", n, r.summary);
       // Per repeat the slowest rank; then the median over repeats (the first excluded).
-      std::vector<double> per_repeat;
+      // CPU-seconds summed over ranks: the work, whatever share of the cores the ranks got.
+      std::vector<double> per_repeat, cpu_per_repeat;
       for (int i = 1; i <= repeats; ++i) {
-        double slowest = 0;
-        for (const auto& st : r.rank_status) slowest = std::max(slowest, st["seconds"][static_cast<size_t>(i)].get<double>());
+        double slowest = 0, cpu_total = 0;
+        for (const auto& st : r.rank_status) {
+          slowest = std::max(slowest, st["seconds"][static_cast<size_t>(i)].get<double>());
+          cpu_total += st["cpu_seconds"][static_cast<size_t>(i)].get<double>();
+        }
         per_repeat.push_back(slowest);
+        cpu_per_repeat.push_back(cpu_total);
       }
       // Bytes per rank per layer: the largest any rank sent, and its analytic minimum.
       std::map<std::string, std::pair<uint64_t, uint64_t>> by_kind;  // kind -> (max sent, its minimum)
@@ -131,10 +155,12 @@ int main(int argc, char** argv) {
           self_kind[l["kind"].get<std::string>()] = std::max(self_kind[l["kind"].get<std::string>()], l["to_self"].get<uint64_t>());
         }
       const double t = median(per_repeat);
-      fmt::print("{} ranks ({} threads each): median {:.3f} s per forward (slowest rank), {:.2f}x the unsharded run, "
-                 "launch+load {:.1f} s\n",
-                 n, lo.threads_per_rank, t, t / median(unsharded), r.wall_seconds);
-      nlohmann::json size = {{"ranks", n}, {"threads_per_rank", lo.threads_per_rank}, {"median_s", t}, {"runs_s", per_repeat}};
+      fmt::print("{} ranks ({} threads each): median {:.3f} s per forward (slowest rank), {:.2f}x the unsharded run; "
+                 "{:.3f} CPU-s summed over ranks ({:.2f}x); job {:.1f} s; load average {:.1f}\n",
+                 n, lo.threads_per_rank, t, t / median(unsharded), median(cpu_per_repeat),
+                 median(cpu_per_repeat) / median(unsharded_cpu), r.wall_seconds, load_average());
+      nlohmann::json size = {{"ranks", n}, {"threads_per_rank", lo.threads_per_rank}, {"median_s", t}, {"runs_s", per_repeat},
+                             {"cpu_s", median(cpu_per_repeat)}};
       for (const auto& [kind, e] : by_kind) {
         fmt::print("  {} layer: {:.3f} MB sent per rank (max over ranks), analytic all-to-all minimum {:.3f} MB ({}), "
                    "kept local {:.3f} MB\n",

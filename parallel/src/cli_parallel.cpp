@@ -116,12 +116,13 @@ void add_parallel_commands(CLI::App& app) {
       status.stage("load checkpoint and tokens");
       const Checkpoint ck(a->model);
       const auto tokens = TokenBatch::from_json_file(a->tokens_file);
-      std::vector<double> seconds;
+      std::vector<double> seconds, cpu_seconds;
       parallel::ShardedResult r;
       for (int i = 0; i < std::max(1, a->repeats); ++i) {
         world->barrier();
         auto run = parallel::sharded_forward(ck, tokens, layout, *world, o);
         seconds.push_back(run.seconds);
+        cpu_seconds.push_back(run.cpu_seconds);
         if (i == 0) r = std::move(run);
         o.progress = nullptr;  // later repeats: no status writes inside the timed region
         o.forward.capture_hidden = false;
@@ -135,6 +136,7 @@ void add_parallel_commands(CLI::App& app) {
                               {"ranks", std::to_string(world->size())},
                               {"engine", world->engine()}});
       status.data()["seconds"] = seconds;
+      status.data()["cpu_seconds"] = cpu_seconds;
       status.data()["layers"] = layers_json(r.layers);
       status.data()["traffic"] = traffic_json(r.traffic);
       status.stage("finished");

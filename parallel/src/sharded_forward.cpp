@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <ctime>
 #include <cstring>
 #include <thread>
 
@@ -609,12 +610,19 @@ ShardedResult sharded_forward(const Checkpoint& ck, const TokenBatch& tokens, co
     fail("sharded forward: sp group has {} ranks (want {}), ep group {} (want {})", sp_comm->size(), layout.sp,
          ep_comm->size(), layout.ep);
   ShardedResult r;
+  const auto cpu = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  };
+  const double c0 = cpu();
   const auto t0 = std::chrono::steady_clock::now();
   if (options.forward.precision == Precision::Golden)
     Sharded<double>{ck, c, tokens, layout, world, *sp_comm, *ep_comm, options, r, {}, {}, 0, 0, 0, {}, {}}.run();
   else
     Sharded<float>{ck, c, tokens, layout, world, *sp_comm, *ep_comm, options, r, {}, {}, 0, 0, 0, {}, {}}.run();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.cpu_seconds = cpu() - c0;
   r.traffic = world.traffic();
   return r;
 }

@@ -66,7 +66,8 @@ struct ShardedResult {
   ForwardResult result;  // logits and hidden states of the whole batch: on rank 0 only
   std::vector<LayerTraffic> layers;
   Traffic traffic;       // everything this rank sent, by class
-  double seconds = 0;    // wall time of the forward on this rank (after loading nothing: weights are mmapped)
+  double seconds = 0;      // wall time of the forward on this rank (weights are mmapped: no load step)
+  double cpu_seconds = 0;  // CPU time of this rank's process meanwhile (all its threads)
 };
 
 // Runs on every rank of `world` (collectively); `layout` must be Layout::make(world.size(), ...).
