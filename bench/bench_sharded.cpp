@@ -16,6 +16,7 @@
 #include <sstream>
 #include <thread>
 
+#include "opensci/convert.hpp"
 #include "opensci/error.hpp"
 #include "opensci/forward.hpp"
 #include "opensci/harness/toy.hpp"
@@ -54,7 +55,7 @@ int main(int argc, char** argv) {
   std::string remote_code = OPENSCI_SOURCE_DIR "/fixtures/remote_code/opensci_ref", ranks_text = "1,2,4", mode = "sp",
               json_out;
   int64_t seq = 512, batch = 1;
-  int repeats = 3;
+  int repeats = 3, threads = 0;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   app.add_option("--work", work, "model and scratch dir (the random-weight model is cached here)");
   app.add_option("--config", config, "config.json of the benchmarked shape");
@@ -65,6 +66,9 @@ int main(int argc, char** argv) {
   app.add_option("--mode", mode, "sp (Ulysses over the sequence) or ep (experts; MoE configs)")
       ->check(CLI::IsMember({"sp", "ep"}));
   app.add_option("--repeats", repeats, "timed repetitions per size (median over them, max over ranks)");
+  app.add_option("--threads", threads,
+                 "threads of the unsharded peer and of each rank (default: all cores / cores per rank); 1 keeps "
+                 "OpenMP's spin-waiting out of the CPU-seconds");
   app.add_option("--json", json_out, "write the figures as JSON");
   CLI11_PARSE(app, argc, argv);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // figures as they come, also into a log file
@@ -79,6 +83,18 @@ int main(int argc, char** argv) {
       o.out = model;
       o.remote_code = remote_code;
       harness::build_toy(o);
+    }
+    // MoE: the ranks read expert blocks of the fused layout, as in the cells (converted once).
+    fs::path rank_model = model;
+    if (load_config(model / "config.json").is_moe()) {
+      rank_model = fs::path(work) / "model-fused";
+      if (!fs::exists(rank_model / "config.json")) {
+        convert::ConvertOptions co;
+        co.input = model;
+        co.output = rank_model;
+        co.to = convert::Format::HfFused;
+        convert::convert_checkpoint(co);
+      }
     }
     const Checkpoint ck(model);
     const auto& c = ck.config();
@@ -95,8 +111,9 @@ int main(int argc, char** argv) {
     parallel::write_tokens_json(tokens, tokens_file);
 
     // The peer: the unsharded forward in this process, all cores.
-    omp_set_num_threads(cores);
-    openblas_set_num_threads(cores);
+    const int peer_threads = threads > 0 ? threads : cores;
+    omp_set_num_threads(peer_threads);
+    openblas_set_num_threads(peer_threads);
     forward(ck, tokens, {Precision::Fast, false});  // page in the mapped weights
     std::vector<double> unsharded, unsharded_cpu;
     for (int r = 0; r < repeats; ++r) {
@@ -111,7 +128,7 @@ int main(int argc, char** argv) {
                c.is_moe() ? fmt::format(", {} experts top-{}", c.num_experts, c.num_experts_per_tok) : "", batch, seq,
                cores);
     fmt::print("unsharded fp32 forward (this process, {} threads): median {:.3f} s wall, {:.3f} CPU-s; load average {:.1f}\n",
-               cores, median(unsharded), median(unsharded_cpu), load_average());
+               peer_threads, median(unsharded), median(unsharded_cpu), load_average());
     nlohmann::json out = {{"seq", seq}, {"batch", batch}, {"cores", cores}, {"mode", mode},
                           {"unsharded_s", median(unsharded)}, {"unsharded_cpu_s", median(unsharded_cpu)},
                           {"sizes", nlohmann::json::array()}};
@@ -121,7 +138,7 @@ int main(int argc, char** argv) {
       const int n = std::stoi(item);
       parallel::LaunchOptions lo;
       lo.program = OPENSCI_CLI;  // the ranks run opensci-compat forward-sharded
-      lo.model = model;
+      lo.model = rank_model;
       lo.tokens_file = tokens_file;
       lo.work = fs::path(work) / fmt::format("{}{}", mode, n);
       lo.precision = "fp32";
@@ -129,7 +146,7 @@ int main(int argc, char** argv) {
       lo.ep = mode == "ep" ? n : 1;
       lo.hidden_states = false;
       lo.repeats = repeats + 1;  // the first pages the weights in
-      lo.threads_per_rank = std::max(1, cores / n);
+      lo.threads_per_rank = threads > 0 ? threads : std::max(1, cores / n);
       lo.timeout = std::chrono::minutes(20);
       const auto r = parallel::launch_sharded(lo);
       if (!r.ok) fail("{} ranks: {}", n, r.summary);
