@@ -42,6 +42,16 @@ if ((ctest_status != 0)); then
   status=1
   problems+=("ctest exited $ctest_status: ${ctest_line:-no summary}")
 fi
+# Ran, not just collected: how many cells ran live, replayed a golden, or were Not Run and why.
+# Fails when nothing ran live or a cell of an environment the matrix requires did not run.
+tally_status=0
+tally=$("$build/harness/opensci-compat" matrix tally --matrix matrix/matrix.json --work "$build/matrix") || tally_status=$?
+echo "$tally"
+tally_line=$(head -n 1 <<<"$tally")
+if ((tally_status != 0)); then
+  status=1
+  problems+=("${tally_line:-matrix tally failed}: see the FAIL lines above")
+fi
 # The matrix as a table (cells that ran, failed or were not run, with their reasons).
 "$build/harness/opensci-compat" report --results "$build/matrix/results" \
   --markdown "$build/matrix/report.md" --html "$build/matrix/report.html" || true
@@ -49,7 +59,7 @@ fi
 # The overall verdict is the last line printed, whatever failed.
 echo
 if ((status == 0)); then
-  echo "test.sh: PASSED — ctest: ${ctest_line:-?}; $gpu_note"
+  echo "test.sh: PASSED — ctest: ${ctest_line:-?}; ${tally_line#matrix tally: }; $gpu_note"
 else
   echo "test.sh: FAILED — $(IFS=';'; echo "${problems[*]}")"
 fi

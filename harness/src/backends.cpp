@@ -38,11 +38,13 @@ std::vector<std::string> available_backends() {
 }
 
 ForwardResult run_reference(const std::string& backend, const Checkpoint& ck, const TokenBatch& tokens,
-                            const std::string& precision, bool capture_hidden) {
+                            const std::string& precision, bool capture_hidden, const std::string& defect) {
+  if (!defect.empty() && backend != "cpu") fail("reference defects (mutation tests) exist on backend cpu only, not '{}'", backend);
   if (backend == "cpu") {
-    if (precision != "fp64" && precision != "fp32")
-      fail("backend cpu runs precision fp64 (golden) or fp32 (fast), not '{}'", precision);
-    return forward(ck, tokens, {precision == "fp64" ? Precision::Golden : Precision::Fast, capture_hidden});
+    if (precision != "fp64" && precision != "fp32" && precision != "bf16")
+      fail("backend cpu runs precision fp64 (golden), fp32 (fast) or bf16 (fast, bf16 storage), not '{}'", precision);
+    const auto p = precision == "fp64" ? Precision::Golden : precision == "fp32" ? Precision::Fast : Precision::BF16;
+    return forward(ck, tokens, {p, capture_hidden, defect});
   }
 #if defined(OPENSCI_HAVE_LIBTORCH)
   if (backend == "libtorch") {  // on the GPU when this libtorch has one, else on the CPU

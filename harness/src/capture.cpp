@@ -1,6 +1,7 @@
 #include "opensci/harness/capture.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cmath>
 #include <csignal>
@@ -11,6 +12,7 @@
 #include "opensci/error.hpp"
 #include "opensci/forward.hpp"
 #include "opensci/harness/environment.hpp"
+#include "opensci/harness/sha256.hpp"
 #include "opensci/safetensors.hpp"
 
 namespace opensci::harness {
@@ -54,6 +56,71 @@ std::string check_capture_output(const fs::path& output, const fs::path& tokens_
 
 namespace {
 
+// What a golden fixture must prove before it is replayed: every file it holds is the one
+// golden.json hashed (nothing added, removed or edited), and it was recorded for what this cell
+// asks: the variant, the shims, the dtype and device. Returns the problems, each naming its field.
+std::vector<std::string> verify_golden(const fs::path& src, const CaptureOptions& o) {
+  std::vector<std::string> problems;
+  json golden;
+  try {
+    std::ifstream in(src / "golden.json");
+    if (!in) return {fmt::format("{}: no golden.json (every golden fixture records the sha256 of its files)", src.string())};
+    golden = json::parse(in);
+  } catch (const json::exception& e) {
+    return {fmt::format("{}: golden.json is not valid JSON: {}", (src / "golden.json").string(), e.what())};
+  }
+  const auto files = golden.value("files", json::object());
+  if (!files.is_object() || files.empty()) problems.push_back("golden.json: 'files' lists no file hashes");
+  for (const auto& e : fs::directory_iterator(src)) {
+    const auto name = e.path().filename().string();
+    if (name == "golden.json") continue;
+    if (!files.contains(name)) problems.push_back(fmt::format("golden.json files: {} is in the fixture but not hashed", name));
+  }
+  for (const auto& [name, entry] : files.items()) {
+    const auto path = src / name;
+    if (!fs::exists(path)) {
+      problems.push_back(fmt::format("golden.json files.{}: listed but missing from {}", name, src.string()));
+      continue;
+    }
+    const auto want = entry.value("sha256", std::string());
+    const auto got = sha256_file(path);
+    if (got != want)
+      problems.push_back(fmt::format("golden.json files.{}.sha256: recorded {}, the file hashes to {} (edited after recording)",
+                                     name, want, got));
+  }
+  std::ifstream oin(src / "outcome.json");
+  json outcome;
+  try {
+    outcome = json::parse(oin);
+  } catch (const json::exception& e) {
+    problems.push_back(fmt::format("outcome.json: not valid JSON: {}", e.what()));
+    return problems;
+  }
+  const auto field = [&](const char* key) {
+    return outcome.contains(key) && outcome[key].is_string() ? outcome[key].get<std::string>() : std::string("<none>");
+  };
+  if (field("variant") != o.variant)
+    problems.push_back(fmt::format("outcome.json variant: recorded '{}', the cell asks for '{}'", field("variant"), o.variant));
+  if (field("dtype") != o.dtype)
+    problems.push_back(fmt::format("outcome.json dtype: recorded {}, the cell asks for {}", field("dtype"), o.dtype));
+  if (field("device") != o.device)
+    problems.push_back(fmt::format("outcome.json device: recorded {}, the cell asks for {}", field("device"), o.device));
+  std::vector<std::string> shims;
+  for (const auto& s : outcome.value("shims", json::array())) shims.push_back(s.is_string() ? s.get<std::string>() : s.dump());
+  auto want_shims = o.shims;
+  std::sort(shims.begin(), shims.end());
+  std::sort(want_shims.begin(), want_shims.end());
+  if (shims != want_shims)
+    problems.push_back(fmt::format("outcome.json shims: recorded [{}], the cell applies [{}]", fmt::join(shims, ", "),
+                                   fmt::join(want_shims, ", ")));
+  const auto genv = golden.value("environment", json::object());
+  const auto oenv = outcome.value("environment", json::object());
+  if (genv.value("transformers", std::string()) != oenv.value("transformers", std::string()))
+    problems.push_back(fmt::format("golden.json environment.transformers {} differs from outcome.json's {}",
+                                   genv.value("transformers", std::string()), oenv.value("transformers", std::string())));
+  return problems;
+}
+
 CaptureResult replay_golden(const CaptureOptions& o) {
   CaptureResult r;
   const auto slash = o.variant.find('/');
@@ -68,8 +135,13 @@ CaptureResult replay_golden(const CaptureOptions& o) {
   std::ifstream in(o.out / "outcome.json");
   r.outcome = json::parse(in);
   r.outcome["golden"] = src.string();
-  const auto recorded = r.outcome.value("status", std::string());
-  if (recorded == "ok") {
+  if (const auto problems = verify_golden(src, o); !problems.empty()) {
+    // A fixture that is not what it claims is never judged: the cell fails naming the field.
+    r.outcome["recorded_status"] = r.outcome.value("status", std::string());
+    r.outcome["status"] = "bad-output";
+    r.outcome["detail"] = fmt::format("golden capture {} fails verification: {}", src.string(), fmt::join(problems, "; "));
+    r.outcome["golden_problems"] = problems;
+  } else if (r.outcome.value("status", std::string()) == "ok") {
     // The committed output must be for the batch this cell asks for.
     if (auto problem = check_capture_output(o.out / "output.safetensors", o.tokens_file); !problem.empty()) {
       r.outcome["status"] = "bad-output";
@@ -90,7 +162,7 @@ CaptureResult replay_golden(const CaptureOptions& o) {
 CaptureResult run_capture(const CaptureOptions& o) {
   CaptureResult r;
   fs::create_directories(o.out);
-  for (const char* stale : {"SKIPPED", "outcome.json", "output.safetensors", "provenance.json", "error.json",
+  for (const char* stale : {"SKIPPED", "SKIPPED.json", "outcome.json", "output.safetensors", "provenance.json", "error.json",
                             "state_dict.safetensors", "stdout.log", "stderr.log"})
     fs::remove(o.out / stale);
   fs::remove_all(o.out / "run");
@@ -102,6 +174,7 @@ CaptureResult run_capture(const CaptureOptions& o) {
     r.status = CaptureStatus::Unavailable;
     r.detail = fmt::format("environment {} ({}) is unavailable here: {}", provider->id(), provider->kind(), availability.reason);
     std::ofstream(o.out / "SKIPPED") << r.detail << "\n";
+    std::ofstream(o.out / "SKIPPED.json") << json{{"reason", r.detail}, {"unreachable", availability.unreachable}}.dump(2) << "\n";
     return r;
   }
   Progress progress("env " + provider->id());

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <memory>
+#include <sstream>
 
 #include "commands.hpp"
 #include "opensci/error.hpp"
@@ -25,7 +26,19 @@ struct EnvArgs {
   std::string spec;
   std::string cache_dir;
   bool quiet = false;
+  std::string name, required = "no";
 };
+
+// OPENSCI_OPTIONAL_ENVS: comma-separated environment names (or "all") a run may leave Not Run
+// although the matrix requires them.
+bool env_is_optional(const std::string& name) {
+  const char* v = std::getenv("OPENSCI_OPTIONAL_ENVS");
+  if (!v) return false;
+  std::stringstream ss(v);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (item == "all" || item == name) return true;
+  return false;
+}
 
 void add_common(CLI::App* cmd, EnvArgs& a) {
   cmd->add_option("--spec", a.spec, "environment spec: JSON object or file (default: debian-rootfs sid)");
@@ -68,11 +81,32 @@ void add_env_command(CLI::App& app) {
         env->add_subcommand("provision", "Build (or reuse) an environment; exit 0 ready, 77 unavailable, 1 failed");
     add_common(cmd, *a);
     cmd->add_flag("--quiet", a->quiet, "no progress lines");
+    cmd->add_option("--name", a->name, "the matrix's name of the environment (for messages and OPENSCI_OPTIONAL_ENVS)");
+    cmd->add_option("--required", a->required,
+                    "no: unavailable = Not Run (77); always: unavailable = failure; when-reachable: failure unless "
+                    "the index/mirror it needs did not answer. OPENSCI_OPTIONAL_ENVS=<name>,...|all relaxes it")
+        ->check(CLI::IsMember({"no", "always", "when-reachable"}));
     cmd->callback([a] {
       auto provider = provider_from(*a);
       const auto availability = provider->probe();
       if (!availability) {
-        fmt::print("unavailable: {}: {}\n", provider->id(), availability.reason);
+        const auto name = a->name.empty() ? provider->id() : a->name;
+        const bool optional = env_is_optional(name);
+        const bool must = !optional && (a->required == "always" || (a->required == "when-reachable" && !availability.unreachable));
+        if (must) {
+          fmt::print("unavailable: {}: {}\n", provider->id(), availability.reason);
+          fmt::print(stderr,
+                     "failed: the matrix requires environment '{}' ({}) and it cannot be provided here: {} — a run "
+                     "that cannot build it would test nothing live. To let it be Not Run on this machine, set "
+                     "OPENSCI_OPTIONAL_ENVS={} (or =all).\n",
+                     name, a->required == "always" ? "required: always" : "required unless its index is unreachable",
+                     availability.reason, name);
+          throw CLI::RuntimeError(1);
+        }
+        fmt::print("unavailable: {}: {}{}\n", provider->id(), availability.reason,
+                   a->required != "no" ? fmt::format(" (Not Run: {})", optional ? "listed in OPENSCI_OPTIONAL_ENVS"
+                                                                              : "its index/mirror is unreachable")
+                                      : std::string());
         throw CLI::RuntimeError(kExitUnavailable);
       }
       Progress progress("env " + provider->id(), a->quiet ? nullptr : stderr);

@@ -38,6 +38,42 @@ void add_matrix_command(CLI::App& app) {
     fs::rename(tmp, a->out);
     fmt::print("{}: {} cells\n", a->out, m.cells.size());
   });
+
+  struct ExplainArgs {
+    std::string matrix = OPENSCI_SOURCE_DIR "/matrix/matrix.json", work = "build/matrix", cell;
+  };
+  auto e = std::make_shared<ExplainArgs>();
+  auto* explain = matrix->add_subcommand("explain", "What one cell expands to and where its expectation comes from");
+  explain->add_option("cell", e->cell, "cell name (cell/<env>/<variant>/<tokens>/<dtype>-<device>/vs-<backend>-<precision>)")
+      ->required();
+  explain->add_option("--matrix", e->matrix, "matrix JSON")->check(CLI::ExistingFile);
+  explain->add_option("--work", e->work, "work dir of the build (for the paths shown)");
+  explain->callback([e] {
+    const auto m = harness::load_matrix(e->matrix);
+    harness::EmitOptions o{{}, fs::absolute(e->work), {}};
+    fmt::print("{}", harness::explain_cell(m, o, e->cell));
+  });
+
+  struct TallyArgs {
+    std::string matrix, work;
+    std::vector<std::string> exclude;
+    int min_live = 1;
+  };
+  auto t = std::make_shared<TallyArgs>();
+  auto* tally = matrix->add_subcommand(
+      "tally", "Count the cells that ran live, replayed goldens, or did not run (and why); fail when nothing ran live "
+               "or a required environment's cells did not run");
+  tally->add_option("--matrix", t->matrix, "matrix JSON")->required()->check(CLI::ExistingFile);
+  tally->add_option("--work", t->work, "work dir (results under <work>/results)")->required();
+  tally->add_option("--exclude-label", t->exclude, "cells with this label were not selected (repeatable)");
+  tally->add_option("--min-live", t->min_live, "fewest cells that must have run live (default 1)");
+  tally->callback([t] {
+    const auto m = harness::load_matrix(t->matrix);
+    harness::EmitOptions o{{}, fs::absolute(t->work), {}};
+    const auto r = harness::tally_cells(m, o, t->exclude, t->min_live);
+    fmt::print("{}", r.text);
+    if (!r.ok) throw CLI::RuntimeError(1);
+  });
 }
 
 void add_capture_command(CLI::App& app) {
@@ -97,16 +133,30 @@ void add_cell_command(CLI::App& app) {
   cmd->add_option("--name", o->name, "cell name")->required();
   cmd->add_option("--capture", o->capture, "capture directory")->required();
   cmd->add_option("--model", o->model, "model directory")->required();
+  cmd->add_option("--tokens-file", o->tokens_file, "the cell's prompt batch (token ids JSON): the capture must have run it")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--dtype", o->dtype, "dtype the cell asked transformers to run in (float32 | bfloat16 | float64)");
+  cmd->add_option("--variant", o->variant, "<model>/<patch set> the cell asked for");
+  cmd->add_option("--shim", o->shims, "runtime shim of the cell's patch set (repeatable)");
+  cmd->add_option("--transformers", o->transformers,
+                  "transformers version the matrix declares for the environment (checked against the capture)");
   cmd->add_option("--backend", o->backend, "reference backend");
   cmd->add_option("--precision", o->precision, "fp64 | fp32 | bf16");
   cmd->add_option("--tolerance-file", o->tolerance_file, "tolerances JSON")->required();
   cmd->add_option("--tolerance", o->tolerance, "tolerance name")->required();
+  cmd->add_option("--hazards", o->hazards_file, "hazard table (default: matrix/hazards.json of the source tree)");
   cmd->add_option("--expect", o->expect, "pass | xfail:<hazard>");
+  cmd->add_option("--counterfactual", o->counterfactual,
+                  "capture dir of the same run with the expected hazard's fix added (proves an xfail)");
   cmd->add_option("--result", o->result, "result JSON to write")->required();
   cmd->add_option("--labels", *labels, "comma-separated labels, recorded in the result");
   cmd->add_option("--sp", o->sp, "sequence-parallel size of the reference (> 1: sharded ranks, parallel/)");
   cmd->add_option("--ep", o->ep, "expert-parallel size of the reference (> 1: sharded ranks, parallel/)");
   cmd->add_option("--parallel-timeout", o->parallel_timeout_s, "seconds the sharded job may run (default 120)");
+  cmd->add_option("--inject-reference-defect", o->reference_defect,
+                  "mutation tests only: make the reference commit a known defect (drop-bias:<tensor>, theta-x2, "
+                  "skip-qk-norm, swap-rope-halves); the cell must then fail");
   cmd->callback([o, labels] {
     std::stringstream ss(*labels);
     for (std::string l; std::getline(ss, l, ',');) o->labels.push_back(l);

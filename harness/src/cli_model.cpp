@@ -51,7 +51,7 @@ void add_toy_command(CLI::App& app) {
 
 void add_forward_command(CLI::App& app) {
   struct Args {
-    std::string model, tokens, tokens_file, dtype = "fp64", out, backend = "cpu";
+    std::string model, tokens, tokens_file, dtype = "fp64", out, backend = "cpu", defect;
     bool hidden = false;
   };
   auto a = std::make_shared<Args>();
@@ -59,18 +59,20 @@ void add_forward_command(CLI::App& app) {
   cmd->add_option("--model", a->model, "model directory")->required();
   auto* tok = cmd->add_option("--tokens", a->tokens, "comma-separated token ids (one row)");
   cmd->add_option("--tokens-file", a->tokens_file, "JSON with input_ids, attention_mask[, position_ids]")->excludes(tok);
-  cmd->add_option("--dtype", a->dtype, "fp64 (golden) or fp32 (fast); bf16 on libtorch/cuda/hip")
+  cmd->add_option("--dtype", a->dtype, "fp64 (golden), fp32 (fast) or bf16 (fast with bf16 storage; also libtorch/cuda/hip)")
       ->check(CLI::IsMember({"fp64", "fp32", "bf16"}));
   cmd->add_option("--backend", a->backend,
                   "cpu (the reference), libtorch, cuda or hip: those built into this binary (see kernels/README.md)");
   cmd->add_option("--out", a->out, "output safetensors")->required();
   cmd->add_flag("--hidden-states", a->hidden, "also write per-layer tensors");
+  cmd->add_option("--inject-defect", a->defect,
+                  "mutation tests only: drop-bias:<tensor>, theta-x2, skip-qk-norm, swap-rope-halves");
   cmd->callback([a] {
     if (a->tokens.empty() == a->tokens_file.empty()) fail("forward: give --tokens or --tokens-file");
     const auto batch =
         a->tokens_file.empty() ? TokenBatch::from_list(parse_token_list(a->tokens)) : TokenBatch::from_json_file(a->tokens_file);
     const Checkpoint ck(a->model);
-    const auto result = harness::run_reference(a->backend, ck, batch, a->dtype, a->hidden);
+    const auto result = harness::run_reference(a->backend, ck, batch, a->dtype, a->hidden, a->defect);
     std::map<std::string, std::string> metadata{
         {"producer", "opensci-compat reference"}, {"dtype", a->dtype}, {"backend", a->backend}};
     if (a->backend == "cpu") metadata["device"] = "cpu";

@@ -32,6 +32,7 @@ Tolerance load_tolerance(const fs::path& file, const std::string& name) {
   Tolerance tol;
   tol.name = name;
   tol.logits_max_abs = t.value("logits_max_abs", tol.logits_max_abs);
+  tol.logits_rel_l2_max = t.value("logits_rel_l2_max", tol.logits_rel_l2_max);
   tol.logsoftmax_max_abs = t.value("logsoftmax_max_abs", tol.logsoftmax_max_abs);
   tol.hidden_max_abs = t.value("hidden_max_abs", tol.hidden_max_abs);
   tol.top1_agreement_min = t.value("top1_agreement_min", tol.top1_agreement_min);
@@ -189,6 +190,8 @@ Comparison compare_outputs(const fs::path& a_path, const fs::path& b_path, const
 
   if (c.nonfinite_a || c.nonfinite_b)
     c.failures.push_back(fmt::format("non-finite logits: {} in candidate, {} in reference", c.nonfinite_a, c.nonfinite_b));
+  if (tol.logits_rel_l2_max > 0 && !(c.rel_l2 <= tol.logits_rel_l2_max))
+    c.failures.push_back(fmt::format("rel L2 of logits {:.3e} > {:.1e}", c.rel_l2, tol.logits_rel_l2_max));
   if (!(c.max_abs <= tol.logits_max_abs))
     c.failures.push_back(fmt::format("max |Δlogit| {:.3e} > {:.1e}", c.max_abs, tol.logits_max_abs));
   if (!(c.logsoftmax_max_abs <= tol.logsoftmax_max_abs))
@@ -228,6 +231,7 @@ nlohmann::json to_json(const Comparison& c, const Tolerance& tol) {
       {"tolerance",
        {{"name", tol.name},
         {"logits_max_abs", tol.logits_max_abs},
+        {"logits_rel_l2_max", tol.logits_rel_l2_max},
         {"logsoftmax_max_abs", tol.logsoftmax_max_abs},
         {"hidden_max_abs", tol.hidden_max_abs},
         {"top1_agreement_min", tol.top1_agreement_min},

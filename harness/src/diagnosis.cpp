@@ -5,40 +5,74 @@
 #include <cmath>
 #include <regex>
 
+#include "opensci/error.hpp"
 #include "opensci/ops.hpp"
 
 namespace opensci::harness {
 namespace fs = std::filesystem;
 
-std::optional<std::string> Diagnosis::hazard() const {
+namespace {
+
+// A finding named by an evidence detector: the hazard comes from the table.
+Finding evidence(const HazardTable& table, const std::string& detector, std::string title, std::string what) {
+  return {table.hazard_for_evidence(detector), std::move(title), std::move(what), "evidence", detector};
+}
+
+void add_unique(std::vector<std::string>& v, const std::string& s) {
+  if (!s.empty() && std::find(v.begin(), v.end(), s) == v.end()) v.push_back(s);
+}
+
+}  // namespace
+
+std::vector<std::string> Diagnosis::hazards() const {
+  std::vector<std::string> out;
   for (const auto& f : findings)
-    if (!f.hazard.empty()) return f.hazard;
-  return std::nullopt;
+    if (f.basis == "evidence") add_unique(out, f.hazard);
+  return out;
+}
+
+std::vector<std::string> Diagnosis::suspects() const {
+  const auto confirmed = hazards();
+  std::vector<std::string> out;
+  for (const auto& f : findings)
+    if (f.basis == "pattern" && std::find(confirmed.begin(), confirmed.end(), f.hazard) == confirmed.end())
+      add_unique(out, f.hazard);
+  return out;
+}
+
+std::optional<std::string> Diagnosis::hazard() const {
+  const auto h = hazards();
+  if (h.empty()) return std::nullopt;
+  return h.front();
 }
 
 nlohmann::json Diagnosis::to_json() const {
   nlohmann::json j = nlohmann::json::array();
-  for (const auto& f : findings) j.push_back({{"hazard", f.hazard}, {"title", f.title}, {"evidence", f.evidence}});
-  return {{"hazard", hazard() ? nlohmann::json(*hazard()) : nlohmann::json()}, {"findings", j}};
+  for (const auto& f : findings)
+    j.push_back({{"hazard", f.hazard}, {"title", f.title}, {"evidence", f.evidence}, {"basis", f.basis},
+                 {"detector", f.detector}});
+  const auto first = hazard();
+  return {{"hazard", first ? nlohmann::json(*first) : nlohmann::json()},
+          {"hazards", hazards()},
+          {"suspects", suspects()},
+          {"findings", j}};
 }
 
-std::optional<Finding> diagnose_error(const std::string& stage, const std::string& type, const std::string& message) {
+std::vector<Finding> diagnose_error(const HazardTable& table, const std::string& stage, const std::string& type,
+                                    const std::string& message, const std::string& traceback) {
   const auto where = fmt::format("{} during {}: {}", type, stage, message.substr(0, 300));
-  auto has = [&](const char* s) { return message.find(s) != std::string::npos; };
-  if ((type == "ImportError" || type == "ModuleNotFoundError") && (has("TransformersKwargs") || has("LossKwargs")))
-    return Finding{"H1", "kwargs class missing in this transformers version", where};
-  if ((type == "ImportError" || type == "ModuleNotFoundError") && has("check_model_inputs"))
-    return Finding{"H12", "check_model_inputs missing in this transformers version", where};
-  if (type == "KeyError" && has("default")) return Finding{"H2", "ROPE_INIT_FUNCTIONS has no 'default'", where};
-  if (type == "AttributeError" && has("'list' object has no attribute 'keys'"))
-    return Finding{"H4", "_tied_weights_keys must be a dict", where};
-  if (has("size mismatch") && (has("mlp.gate") || has("experts")))
-    return Finding{"H13", "MoE config keys written by another major version", where};
-  return Finding{"", "exception in the capture process", where};
+  std::vector<Finding> out;
+  for (const auto& id : table.error_matches(type, message, traceback)) {
+    const auto& h = table.at(id, "diagnosis");
+    out.push_back({id, h.title, where + fmt::format(" (matches {}'s signature in {})", id, table.file().filename().string()),
+                   "evidence", "error_signature"});
+  }
+  if (out.empty()) out.push_back({"", "exception in the capture process (no hazard signature matches)", where, "note", ""});
+  return out;
 }
 
-std::vector<Finding> diagnose_loaded_weights(const Checkpoint& ck, const fs::path& state_dict_path,
-                                             const std::string& capture_dtype) {
+std::vector<Finding> diagnose_loaded_weights(const HazardTable& table, const Checkpoint& ck,
+                                             const fs::path& state_dict_path, const std::string& capture_dtype) {
   std::vector<Finding> out;
   if (!fs::exists(state_dict_path)) return out;
   const SafetensorsFile sd(state_dict_path);
@@ -65,22 +99,26 @@ std::vector<Finding> diagnose_loaded_weights(const Checkpoint& ck, const fs::pat
     }
   }
   if (!differing.empty()) {
+    // Init functions reset norm weights to 1 and biases to 0: that pattern is H8's damage. Other
+    // differences are real but unexplained (no hazard named).
     const bool init_pattern = std::any_of(differing.begin(), differing.end(), [](const auto& n) {
       return n.find("norm") != std::string::npos || n.ends_with(".bias");
     });
-    out.push_back({init_pattern ? "H8" : "",
-                   "loaded parameters differ from the checkpoint",
-                   fmt::format("{} tensors differ after loading (worst relative difference {:.3g}), first: {}",
-                               differing.size(), worst, differing.front())});
+    const auto what = fmt::format("{} tensors differ after loading (worst relative difference {:.3g}), first: {}",
+                                  differing.size(), worst, differing.front());
+    if (init_pattern)
+      out.push_back(evidence(table, "loaded_params_reinitialised", "loaded norm weights / biases differ from the checkpoint", what));
+    else
+      out.push_back({"", "loaded parameters differ from the checkpoint", what, "evidence", "loaded_params_differ"});
   }
   // Tied embeddings: lm_head must be the embedding matrix after loading.
   if (c.tie_word_embeddings && sd.contains("lm_head.weight") && sd.contains("model.embed_tokens.weight")) {
     const auto head = sd.read_f64("lm_head.weight");
     const auto emb = sd.read_f64("model.embed_tokens.weight");
     if (head != emb)
-      out.push_back({"H5", "lm_head is not tied to the embeddings",
-                     "config ties the embeddings, but the loaded lm_head.weight differs from model.embed_tokens.weight "
-                     "(a randomly initialised head)"});
+      out.push_back(evidence(table, "lm_head_untied", "lm_head is not tied to the embeddings",
+                             "config ties the embeddings, but the loaded lm_head.weight differs from "
+                             "model.embed_tokens.weight (a randomly initialised head)"));
   }
   // RoPE inverse frequencies, when the model keeps them as a buffer.
   const auto expected = ops::rope_inv_freq(c.head_dim, c.rope_theta);
@@ -95,47 +133,81 @@ std::vector<Finding> diagnose_loaded_weights(const Checkpoint& ck, const fs::pat
       // inv_freq[0] = 1 and decays geometrically.
       const bool geometric = std::abs(got[0] - 1.0) < 1e-6 && got.size() > 2 && got[1] > 0 && got[1] < 1 &&
                              std::abs(got[2] / got[1] - got[1]) < 1e-4;
-      out.push_back({geometric ? "H7" : "H3",
-                     geometric ? "RoPE theta differs from the config" : "RoPE inv_freq is not initialised",
-                     fmt::format("{} holds {} (max relative error {:.3g}); expected 1/{}^(2i/{}) = [{:.6g}, {:.6g}, ...]",
-                                 t.name, got.size() > 2 ? fmt::format("[{:.6g}, {:.6g}, {:.6g}, ...]", got[0], got[1], got[2]) : "?",
-                                 max_rel, c.rope_theta, c.head_dim, expected[0], expected.size() > 1 ? expected[1] : 0.0)});
+      const auto what =
+          fmt::format("{} holds {} (max relative error {:.3g}); expected 1/{}^(2i/{}) = [{:.6g}, {:.6g}, ...]", t.name,
+                      got.size() > 2 ? fmt::format("[{:.6g}, {:.6g}, {:.6g}, ...]", got[0], got[1], got[2]) : "?",
+                      max_rel, c.rope_theta, c.head_dim, expected[0], expected.size() > 1 ? expected[1] : 0.0);
+      out.push_back(geometric ? evidence(table, "inv_freq_wrong_theta", "RoPE theta differs from the config", what)
+                              : evidence(table, "inv_freq_garbage", "RoPE inv_freq is not initialised", what));
       break;
     }
   }
   return out;
 }
 
-std::vector<Finding> diagnose_comparison(const Comparison& cmp, const Tolerance& tol, const ModelConfig& config,
-                                         const nlohmann::json& provenance, const std::string& requested_dtype) {
+std::vector<Finding> diagnose_comparison(const HazardTable& table, const Comparison& cmp, const Tolerance& tol,
+                                         const ModelConfig& config, const nlohmann::json& provenance,
+                                         const std::string& requested_dtype) {
   std::vector<Finding> out;
   const auto effective = provenance.value("effective_dtype", std::string());
   if (!effective.empty() && effective != requested_dtype)  // "bfloat16+float32" (mixed) is not float32 either
-    out.push_back({"H6", "model ran in another dtype than requested",
-                   fmt::format("requested {}, parameters were {} after loading", requested_dtype, effective)});
+    out.push_back(evidence(table, "effective_dtype_differs", "model ran in another dtype than requested",
+                           fmt::format("requested {}, parameters were {} after loading", requested_dtype, effective)));
   if (cmp.passed()) return out;
   if (cmp.nonfinite_a > 0)
-    out.push_back({"", "non-finite logits", fmt::format("{} NaN/Inf logits in the candidate", cmp.nonfinite_a)});
-  // Position pattern: RoPE at position 0 is the identity, so a RoPE fault leaves position 0 exact.
-  if (!cmp.per_position_max_abs.empty() && cmp.per_position_max_abs[0] <= tol.logits_max_abs &&
-      cmp.first_divergent_position && *cmp.first_divergent_position > 0) {
+    out.push_back({"", "non-finite logits", fmt::format("{} NaN/Inf logits in the candidate", cmp.nonfinite_a), "note", ""});
+  // Position pattern: RoPE at position 0 is the identity, so a RoPE fault leaves position 0
+  // exact. So does an attention-scale or k-norm fault: a pattern, never proof.
+  std::string why;
+  if (cmp.first_divergent_position && *cmp.first_divergent_position > 0 &&
+      consistent_with("position0_matches", cmp, tol, why)) {
     // Garbage inv_freq jumps at position 1; a wrong theta grows smoothly with position.
     const auto& p = cmp.per_position_max_abs;
     const bool smooth = p.size() > 3 && p[1] < 0.25 * p.back();
-    out.push_back({smooth ? "H7" : "H3", smooth ? "RoPE frequencies wrong (smooth in position)" : "RoPE frequencies wrong",
-                   fmt::format("position 0 matches (max|Δ| {:.2e}); position {} on diverge (max|Δ| at pos 1: {:.2e}, last: {:.2e})",
-                               p[0], *cmp.first_divergent_position, p.size() > 1 ? p[1] : 0.0, p.back())});
+    out.push_back({smooth ? "H7" : "H3",
+                   smooth ? "position pattern of a wrong RoPE theta (or any fault that spares position 0)"
+                          : "position pattern of a RoPE fault (or any fault that spares position 0)",
+                   fmt::format("position 0 matches (max|Δ| {:.2e}); position {} on diverge (max|Δ| at pos 1: {:.2e}, "
+                               "last: {:.2e})",
+                               p[0], *cmp.first_divergent_position, p.size() > 1 ? p[1] : 0.0, p.back()),
+                   "pattern", ""});
   }
-  // Hidden states all match but logits do not: the LM head (tying) is wrong.
-  if (!cmp.layers.empty() && !cmp.first_divergent_layer && cmp.max_abs > tol.logits_max_abs)
+  // Hidden states all match but logits do not: the LM head differs (H5 when the config ties).
+  if (consistent_with("hidden_states_match", cmp, tol, why))
     out.push_back({config.tie_word_embeddings ? "H5" : "", "every hidden state matches but the logits do not",
                    fmt::format("max|Δlogit| {:.3e} with all {} per-layer tensors within {:.1e}: the LM head differs",
-                               cmp.max_abs, cmp.layers.size(), tol.hidden_max_abs)});
+                               cmp.max_abs, cmp.layers.size(), tol.hidden_max_abs),
+                   "pattern", ""});
   if (cmp.first_divergent_layer)
     out.push_back({"", "first divergent layer",
                    fmt::format("{} is the first tensor beyond {:.1e} (see per-layer table)", *cmp.first_divergent_layer,
-                               tol.hidden_max_abs)});
+                               tol.hidden_max_abs),
+                   "note", ""});
   return out;
+}
+
+bool consistent_with(const std::string& check, const Comparison& cmp, const Tolerance& tol, std::string& why) {
+  if (check == "position0_matches") {
+    if (cmp.per_position_max_abs.empty()) {
+      why = "no per-position differences were computed";
+      return false;
+    }
+    if (cmp.per_position_max_abs[0] <= tol.logits_max_abs) return true;
+    why = fmt::format("position 0 differs by {:.2e} (> {:.0e}): RoPE is the identity there, so something else is wrong",
+                      cmp.per_position_max_abs[0], tol.logits_max_abs);
+    return false;
+  }
+  if (check == "hidden_states_match") {
+    if (cmp.layers.empty()) {
+      why = "the capture has no per-layer hidden states";
+      return false;
+    }
+    if (!cmp.first_divergent_layer && cmp.max_abs > tol.logits_max_abs) return true;
+    why = cmp.first_divergent_layer ? fmt::format("{} already diverges, before the LM head", *cmp.first_divergent_layer)
+                                    : std::string("the logits match");
+    return false;
+  }
+  fail("unknown consistency check '{}' (known: position0_matches, hidden_states_match)", check);
 }
 
 }  // namespace opensci::harness

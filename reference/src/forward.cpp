@@ -39,11 +39,6 @@ Param<Real> load(const Checkpoint& ck, const std::string& name, const std::vecto
   return p;
 }
 
-template <typename Real>
-Param<Real> load_optional(const Checkpoint& ck, bool present, const std::string& name,
-                          const std::vector<int64_t>& shape) {
-  return present ? load<Real>(ck, name, shape) : Param<Real>{};
-}
 
 // out[rows, outf] = x[rows, in] . w[outf, in]^T + b
 template <typename Real>
@@ -61,6 +56,17 @@ void linear(Real* out, const Real* x, const Param<Real>& w, const Param<Real>& b
   }
 }
 
+// fp32 -> nearest bf16 (ties to even) -> fp32. NaN stays NaN.
+inline float round_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return v;
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  bits &= 0xffff0000u;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
 template <typename Real>
 struct Forward {
   const Checkpoint& ck;
@@ -69,20 +75,102 @@ struct Forward {
   const ForwardOptions& opt;
   ForwardResult& result;
   int64_t T;  // tokens = batch * seq
+  bool bf16 = false;  // Precision::BF16: round at torch's bf16 points (Real = float)
 
   void record(std::string name, const std::vector<Real>& x) {
     if (!opt.capture_hidden) return;
     result.hiddens.emplace_back(std::move(name), std::vector<float>(x.begin(), x.end()));
   }
 
+  // bf16 storage: the value an op leaves behind (no-op in fp32/fp64).
+  void rnd(Real* p, int64_t n) const {
+    if constexpr (std::is_same_v<Real, float>) {
+      if (bf16)
+        for (int64_t i = 0; i < n; ++i) p[i] = round_bf16(p[i]);
+    }
+  }
+  void rnd(std::vector<Real>& v) const { rnd(v.data(), static_cast<int64_t>(v.size())); }
+
+  // A parameter in the forward's precision (bf16: rounded once), or zeros for a bias the
+  // mutation tests drop.
+  Param<Real> P(const std::string& name, const std::vector<int64_t>& shape) const {
+    if (!opt.defect.empty() && opt.defect == "drop-bias:" + name) {
+      Param<Real> p;
+      p.owned.assign(static_cast<size_t>(element_count(shape)), Real(0));
+      ck.file_of(name).check_shape(name, shape);
+      p.ptr = p.owned.data();
+      return p;
+    }
+    auto p = load<Real>(ck, name, shape);
+    if (bf16) {
+      if (p.owned.empty()) p.owned.assign(p.ptr, p.ptr + element_count(shape));
+      rnd(p.owned);
+      p.ptr = p.owned.data();
+    }
+    return p;
+  }
+  Param<Real> P_optional(bool present, const std::string& name, const std::vector<int64_t>& shape) const {
+    return present ? P(name, shape) : Param<Real>{};
+  }
+
+  void lin(Real* out, const Real* x, const Param<Real>& w, const Param<Real>& b, int64_t rows, int64_t in,
+           int64_t outf) const {
+    linear(out, x, w, b, rows, in, outf);
+    rnd(out, rows * outf);
+  }
+
+  // RMSNorm; bf16: torch rounds the normalised value to the model dtype, then multiplies by the
+  // weight in bf16 (one more rounding).
+  void norm(Real* out, const Real* x, const Real* w, int64_t rows, int64_t dim) const {
+    if constexpr (std::is_same_v<Real, float>) {
+      if (bf16) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* xr = x + r * dim;
+          float* o = out + r * dim;
+          float ss = 0;
+          for (int64_t i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+          const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + static_cast<float>(c.rms_norm_eps));
+          for (int64_t i = 0; i < dim; ++i) o[i] = round_bf16(w[i] * round_bf16(xr[i] * inv));
+        }
+        return;
+      }
+    }
+    ops::rms_norm(out, x, w, rows, dim, c.rms_norm_eps);
+  }
+
+  // Rotate-half RoPE; bf16: cos/sin rounded to bf16, each product and the sum rounded.
+  void rope(Real* x, int64_t heads, int64_t D, const std::vector<double>& inv_freq) const {
+    if constexpr (std::is_same_v<Real, float>) {
+      if (bf16) {
+        const int64_t half = D / 2;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t i = 0; i < half; ++i) {
+            const float angle = static_cast<float>(tok.position_ids[t]) * static_cast<float>(inv_freq[static_cast<size_t>(i)]);
+            const float cs = round_bf16(std::cos(angle)), sn = round_bf16(std::sin(angle));
+            for (int64_t h = 0; h < heads; ++h) {
+              float* v = x + (t * heads + h) * D;
+              const float x1 = v[i], x2 = v[i + half];
+              v[i] = round_bf16(round_bf16(x1 * cs) + round_bf16(-x2 * sn));
+              v[i + half] = round_bf16(round_bf16(x2 * cs) + round_bf16(x1 * sn));
+            }
+          }
+        return;
+      }
+    }
+    ops::rope(x, tok.position_ids.data(), T, heads, D, inv_freq);
+  }
+
+  void residual(Real* x, const Real* y, int64_t n) const {
+    ops::add_inplace(x, y, n);
+    rnd(x, n);
+  }
+
   // SwiGLU MLP: down(silu(gate(h)) * up(h)), biases when mlp_bias.    h, out: [rows, H]
   void dense_mlp(Real* out, const Real* h, int64_t rows, const std::string& pre, int64_t I, bool bias) {
     const int64_t H = c.hidden_size;
-    swiglu_mlp(out, h, rows, I, load<Real>(ck, pre + "gate_proj.weight", {I, H}),
-               load<Real>(ck, pre + "up_proj.weight", {I, H}), load<Real>(ck, pre + "down_proj.weight", {H, I}),
-               load_optional<Real>(ck, bias, pre + "gate_proj.bias", {I}),
-               load_optional<Real>(ck, bias, pre + "up_proj.bias", {I}),
-               load_optional<Real>(ck, bias, pre + "down_proj.bias", {H}));
+    swiglu_mlp(out, h, rows, I, P(pre + "gate_proj.weight", {I, H}), P(pre + "up_proj.weight", {I, H}),
+               P(pre + "down_proj.weight", {H, I}), P_optional(bias, pre + "gate_proj.bias", {I}),
+               P_optional(bias, pre + "up_proj.bias", {I}), P_optional(bias, pre + "down_proj.bias", {H}));
   }
 
   // gate, up: [I, H]; down: [H, I]; biases optional.                  h, out: [rows, H]
@@ -91,10 +179,20 @@ struct Forward {
                   const Param<Real>& up_b = {}, const Param<Real>& down_b = {}) {
     const int64_t H = c.hidden_size;
     std::vector<Real> gate(static_cast<size_t>(rows * I)), up(static_cast<size_t>(rows * I));
-    linear(gate.data(), h, gate_w, gate_b, rows, H, I);
-    linear(up.data(), h, up_w, up_b, rows, H, I);
-    ops::swiglu(gate.data(), up.data(), rows * I);
-    linear(out, gate.data(), down_w, down_b, rows, I, H);
+    lin(gate.data(), h, gate_w, gate_b, rows, H, I);
+    lin(up.data(), h, up_w, up_b, rows, H, I);
+    bool done = false;
+    if constexpr (std::is_same_v<Real, float>) {
+      if (bf16) {  // act_fn(gate) and the product are two bf16 ops in torch
+        for (int64_t i = 0; i < rows * I; ++i) {
+          const float g = gate[static_cast<size_t>(i)];
+          gate[static_cast<size_t>(i)] = round_bf16(round_bf16(g / (1.0f + std::exp(-g))) * up[static_cast<size_t>(i)]);
+        }
+        done = true;
+      }
+    }
+    if (!done) ops::swiglu(gate.data(), up.data(), rows * I);
+    lin(out, gate.data(), down_w, down_b, rows, I, H);
   }
 
   // Routing of every token (ops::topk_routing): router logits in the model dtype, softmax in
@@ -115,12 +213,12 @@ struct Forward {
   void moe_mlp(Real* out, const Real* h, const std::string& pre, ExpertLayout layout) {
     const int64_t H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
     std::vector<Real> router(static_cast<size_t>(T * E));
-    linear(router.data(), h, load<Real>(ck, pre + "gate.weight", {E, H}), Param<Real>{}, T, H, E);
+    lin(router.data(), h, P(pre + "gate.weight", {E, H}), Param<Real>{}, T, H, E);
     const auto routing = route(router);
     Param<Real> gate_up, down;  // whole fused tensors, kept alive while their slices are in use
     if (layout == ExpertLayout::Fused) {
-      gate_up = load<Real>(ck, pre + "experts.gate_up_proj", {E, 2 * I, H});
-      down = load<Real>(ck, pre + "experts.down_proj", {E, H, I});
+      gate_up = P(pre + "experts.gate_up_proj", {E, 2 * I, H});
+      down = P(pre + "experts.down_proj", {E, H, I});
     }
     std::fill(out, out + T * H, Real(0));
     for (int64_t e = 0; e < E; ++e) {
@@ -142,25 +240,34 @@ struct Forward {
                    Param<Real>{{}, down.data() + e * H * I});
       } else {
         const auto ex = fmt::format("{}experts.{}.", pre, e);
-        swiglu_mlp(y.data(), xin.data(), n, I, load<Real>(ck, ex + "gate_proj.weight", {I, H}),
-                   load<Real>(ck, ex + "up_proj.weight", {I, H}), load<Real>(ck, ex + "down_proj.weight", {H, I}));
+        swiglu_mlp(y.data(), xin.data(), n, I, P(ex + "gate_proj.weight", {I, H}), P(ex + "up_proj.weight", {I, H}),
+                   P(ex + "down_proj.weight", {H, I}));
       }
       for (int64_t i = 0; i < n; ++i)
         for (int64_t d = 0; d < H; ++d)
           out[rows[static_cast<size_t>(i)] * H + d] += weights[static_cast<size_t>(i)] * y[i * H + d];
     }
+    rnd(out, T * H);
   }
 
   void run() {
     const int64_t H = c.hidden_size, D = c.head_dim, NH = c.num_heads, NKV = c.num_kv_heads;
     const int64_t V = c.vocab_size;
-    const auto inv_freq = ops::rope_inv_freq(D, c.rope_theta);
+    static const std::vector<std::string> kDefects = {"theta-x2", "skip-qk-norm", "swap-rope-halves"};
+    if (!opt.defect.empty() && !opt.defect.starts_with("drop-bias:") &&
+        std::find(kDefects.begin(), kDefects.end(), opt.defect) == kDefects.end())
+      fail("unknown reference defect '{}' (known: drop-bias:<tensor>, theta-x2, skip-qk-norm, swap-rope-halves)", opt.defect);
+    if (opt.defect.starts_with("drop-bias:") && !ck.contains(opt.defect.substr(10)))
+      fail("defect {}: the checkpoint has no tensor '{}'", opt.defect, opt.defect.substr(10));
+    auto inv_freq = ops::rope_inv_freq(D, opt.defect == "theta-x2" ? 2 * c.rope_theta : c.rope_theta);
+    if (opt.defect == "swap-rope-halves")  // (x2, -x1) instead of (-x2, x1): the rotation by -angle
+      for (auto& f : inv_freq) f = -f;
     const auto layouts = detect_expert_layouts(ck);
 
     // Embedding gather                                                    x: [T, H]
     std::vector<Real> x(static_cast<size_t>(T * H));
     {
-      const auto emb = load<Real>(ck, "model.embed_tokens.weight", {V, H});
+      const auto emb = P("model.embed_tokens.weight", {V, H});
       for (int64_t t = 0; t < T; ++t) std::copy_n(emb.data() + tok.input_ids[t] * H, H, x.data() + t * H);
     }
     record("hidden.embed", x);
@@ -172,47 +279,44 @@ struct Forward {
       const auto pre = fmt::format("model.layers.{}.", l);
       const auto sa = pre + "self_attn.";
       // --- attention block ---
-      ops::rms_norm(h.data(), x.data(), load<Real>(ck, pre + "input_layernorm.weight", {H}).data(), T, H,
-                    c.rms_norm_eps);
+      norm(h.data(), x.data(), P(pre + "input_layernorm.weight", {H}).data(), T, H);
       const bool ab = c.attention_bias;
-      linear(q.data(), h.data(), load<Real>(ck, sa + "q_proj.weight", {NH * D, H}),
-             load_optional<Real>(ck, ab, sa + "q_proj.bias", {NH * D}), T, H, NH * D);
-      linear(k.data(), h.data(), load<Real>(ck, sa + "k_proj.weight", {NKV * D, H}),
-             load_optional<Real>(ck, ab, sa + "k_proj.bias", {NKV * D}), T, H, NKV * D);
-      linear(v.data(), h.data(), load<Real>(ck, sa + "v_proj.weight", {NKV * D, H}),
-             load_optional<Real>(ck, ab, sa + "v_proj.bias", {NKV * D}), T, H, NKV * D);
-      if (c.qk_norm) {  // per-head RMSNorm over head_dim, before RoPE
-        ops::rms_norm(q.data(), q.data(), load<Real>(ck, sa + c.q_norm_name() + ".weight", {D}).data(), T * NH, D,
-                      c.rms_norm_eps);
-        ops::rms_norm(k.data(), k.data(), load<Real>(ck, sa + c.k_norm_name() + ".weight", {D}).data(), T * NKV, D,
-                      c.rms_norm_eps);
+      lin(q.data(), h.data(), P(sa + "q_proj.weight", {NH * D, H}), P_optional(ab, sa + "q_proj.bias", {NH * D}), T, H,
+          NH * D);
+      lin(k.data(), h.data(), P(sa + "k_proj.weight", {NKV * D, H}), P_optional(ab, sa + "k_proj.bias", {NKV * D}), T,
+          H, NKV * D);
+      lin(v.data(), h.data(), P(sa + "v_proj.weight", {NKV * D, H}), P_optional(ab, sa + "v_proj.bias", {NKV * D}), T,
+          H, NKV * D);
+      if (c.qk_norm && opt.defect != "skip-qk-norm") {  // per-head RMSNorm over head_dim, before RoPE
+        norm(q.data(), q.data(), P(sa + c.q_norm_name() + ".weight", {D}).data(), T * NH, D);
+        norm(k.data(), k.data(), P(sa + c.k_norm_name() + ".weight", {D}).data(), T * NKV, D);
       }
-      ops::rope(q.data(), tok.position_ids.data(), T, NH, D, inv_freq);
-      ops::rope(k.data(), tok.position_ids.data(), T, NKV, D, inv_freq);
+      rope(q.data(), NH, D, inv_freq);
+      rope(k.data(), NKV, D, inv_freq);
       ops::causal_attention(att.data(), q.data(), k.data(), v.data(), tok.attention_mask.data(), tok.batch, tok.seq, NH,
                             NKV, D);
-      linear(block.data(), att.data(), load<Real>(ck, sa + "o_proj.weight", {H, NH * D}),
-             load_optional<Real>(ck, ab, sa + "o_proj.bias", {H}), T, NH * D, H);
+      rnd(att);
+      lin(block.data(), att.data(), P(sa + "o_proj.weight", {H, NH * D}), P_optional(ab, sa + "o_proj.bias", {H}), T,
+          NH * D, H);
       record(fmt::format("attn.{}", l), block);
-      ops::add_inplace(x.data(), block.data(), T * H);
+      residual(x.data(), block.data(), T * H);
       // --- MLP block ---
-      ops::rms_norm(h.data(), x.data(), load<Real>(ck, pre + "post_attention_layernorm.weight", {H}).data(), T, H,
-                    c.rms_norm_eps);
+      norm(h.data(), x.data(), P(pre + "post_attention_layernorm.weight", {H}).data(), T, H);
       if (c.is_sparse_layer(l))
         moe_mlp(block.data(), h.data(), pre + "mlp.", layouts[static_cast<size_t>(l)]);
       else
         dense_mlp(block.data(), h.data(), T, pre + "mlp.", c.intermediate_size, c.mlp_bias);
       record(fmt::format("mlp.{}", l), block);
-      ops::add_inplace(x.data(), block.data(), T * H);
+      residual(x.data(), block.data(), T * H);
       record(fmt::format("hidden.layer.{}", l), x);
     }
-    ops::rms_norm(h.data(), x.data(), load<Real>(ck, "model.norm.weight", {H}).data(), T, H, c.rms_norm_eps);
+    norm(h.data(), x.data(), P("model.norm.weight", {H}).data(), T, H);
     record("hidden.final_norm", h);
 
     // LM head: tied to the embedding matrix unless the config unties it.     logits: [T, V]
     std::vector<Real> logits(static_cast<size_t>(T * V));
     const auto head_name = c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-    linear(logits.data(), h.data(), load<Real>(ck, head_name, {V, H}), Param<Real>{}, T, H, V);
+    lin(logits.data(), h.data(), P(head_name, {V, H}), Param<Real>{}, T, H, V);
     result.logits.assign(logits.begin(), logits.end());
   }
 };
@@ -317,7 +421,7 @@ ForwardResult forward(const Checkpoint& ck, const TokenBatch& tokens, const Forw
   if (options.precision == Precision::Golden)
     Forward<double>{ck, c, tokens, options, result, T}.run();
   else
-    Forward<float>{ck, c, tokens, options, result, T}.run();
+    Forward<float>{ck, c, tokens, options, result, T, options.precision == Precision::BF16}.run();
   return result;
 }
 

@@ -31,23 +31,147 @@ TEST_CASE("the project matrix loads with labels and expectations") {
   CHECK(text.find("add_test([==[env/golden-") == std::string::npos);  // golden replays need no environment
 }
 
-TEST_CASE("matrix errors name the file and the offending entry") {
-  ScratchDir dir("matrix");
-  std::filesystem::create_directories(dir / "matrix");
-  const auto file = dir / "matrix/m.json";
-  const std::string base = R"({"tokens": {"t": "t.json"}, "models": {"m": {"config": "c.json"}},
-    "environments": {"e": {"transformers": "5.2.0", "spec": {"provider": "system", "python": "/usr/bin/python3"}}},
-    "cells": [{"environments": ["e"], "models": ["m"], "tokens": "t", "reference": [{"tolerance": "x"}], "expect": "EXPECT"}]})";
-  auto with = [&](const std::string& from, const std::string& to) {
+namespace {
+
+// A small matrix in a scratch dir (tolerances "x" and "y", the project's hazard table) with
+// `from` replaced by `to`; returns its path.
+struct SmallMatrix {
+  ScratchDir dir{"matrix"};
+  std::filesystem::path file;
+  std::string base = R"({"tokens": {"t": "t.json"}, "hazards": "HAZARDS", "models": {"m": {"config": "c.json"}},
+    "patch_sets": {"s": {"shims": ["recompute-inv-freq"], "fixes": ["H3"]}},
+    "environments": {"e": {"transformers": "5.2.0", "required": "always",
+                           "spec": {"provider": "system", "python": "/usr/bin/python3"}}},
+    "cells": [{"environments": ["e"], "models": ["m"], "tokens": "t", "patch_sets": ["none", "s"],
+               "capture": {"dtype": "float32"}, "reference": [{"tolerance": "x"}], "expect": "EXPECT"}]})";
+  SmallMatrix() {
+    std::filesystem::create_directories(dir / "matrix");
+    file = dir / "matrix/m.json";
+    opensci::test::write_text(dir / "matrix/tolerances.json", R"({"x": {"reason": "r"}, "y": {"reason": "r"}})");
+    opensci::test::write_text(dir / "t.json", R"({"input_ids": [[1, 2]]})");
+    const auto table = (opensci::test::source_dir() / "matrix/hazards.json").string();
+    base.replace(base.find("HAZARDS"), 7, table);
+  }
+  std::filesystem::path with(const std::string& from = "", const std::string& to = "") {
     auto s = base;
-    s.replace(s.find(from), from.size(), to);
+    if (!from.empty()) {
+      REQUIRE(s.find(from) != std::string::npos);
+      s.replace(s.find(from), from.size(), to);
+    }
+    if (s.find("EXPECT") != std::string::npos) s.replace(s.find("EXPECT"), 6, "pass");
     opensci::test::write_text(file, s);
     return file;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("matrix errors name the file and the offending entry") {
+  SmallMatrix sm;
+  CHECK(load_matrix(sm.with("EXPECT", "xfail:H3")).cells.at(0).expect == "xfail:H3");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("EXPECT", "maybe")), "m.json", "cells[0].expect", "'maybe'", "xfail:<hazard id>");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"models\": [\"m\"]", "\"models\": [\"nope\"]")), "m.json", "'nope'");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("[\"none\", \"s\"]", "[\"nope\"]")), "cells[0].patch_sets", "patch set 'nope'");
+}
+
+TEST_CASE("a typo anywhere in the matrix is an error with its location") {
+  SmallMatrix sm;
+  // The misspelt key that once silently produced float32 cells.
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"dtype\": \"float32\"", "\"dytpe\": \"bfloat16\"")), "m.json",
+                         "cells[0].capture.dytpe: unknown key", "known: dtype, device");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"dtype\": \"float32\"", "\"dtype\": \"bf16\"")), "cells[0].capture.dtype",
+                         "'bf16' is not one of float32, bfloat16, float64");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("[{\"tolerance\": \"x\"}]", "[{\"backend\": \"cpu\"}]")),
+                         "cells[0].reference[0]", "missing 'tolerance'");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"tolerance\": \"x\"", "\"tolerance\": \"z\"")),
+                         "cells[0].reference[0].tolerance", "'z' is not in", "known: x, y");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"tolerance\": \"x\"", "\"tolerance\": \"x\", \"precison\": \"fp32\"")),
+                         "cells[0].reference[0].precison: unknown key");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"tokens\": \"t\",", "\"tokens\": \"t\", \"enviroments\": [],")),
+                         "cells[0].enviroments: unknown key");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"required\": \"always\"", "\"required\": \"sometimes\"")),
+                         "environments.e.required", "'sometimes'");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"config\": \"c.json\"", "\"config\": \"c.json\", \"sede\": 3")),
+                         "models.m.sede: unknown key");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("{\"tokens\":", "{\"celss\": [], \"tokens\":")), "celss: unknown key");
+}
+
+TEST_CASE("hazards, shims and expectations are checked against the hazard table") {
+  SmallMatrix sm;
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("EXPECT", "xfail:H99")), "cells[0].expect", "unknown hazard 'H99'", "H1, H2");
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"recompute-inv-freq\"", "\"recompute-inv-freqs\"")),
+                         "patch_sets.s.shims", "unknown shim 'recompute-inv-freqs'");
+  // What a patch set claims to fix is checked against what its shims fix.
+  REQUIRE_ERROR_MENTIONS(load_matrix(sm.with("\"fixes\": [\"H3\"]", "\"fixes\": [\"H3\", \"H5\"]")),
+                         "patch_sets.s.fixes", "declares [H3, H5]", "fix [H3]");
+  // An environment expectation for a variant no cell has (a misspelt model) is an error, not a no-op.
+  REQUIRE_ERROR_MENTIONS(
+      load_matrix(sm.with("\"required\": \"always\",", "\"required\": \"always\", \"expect\": {\"mm+s\": \"xfail:H3\"},")),
+      "environments.e.expect[\"mm+s\"]", "no cell of environment 'e' has variant 'mm+s'");
+  REQUIRE_ERROR_MENTIONS(
+      load_matrix(sm.with("\"required\": \"always\",", "\"required\": \"always\", \"expect\": {\"m+s\": \"xfail:H77\"},")),
+      "environments.e.expect[\"m+s\"]", "unknown hazard 'H77'");
+}
+
+TEST_CASE("an expected numeric failure brings its counterfactual capture") {
+  SmallMatrix sm;
+  auto m = load_matrix(sm.with("\"required\": \"always\",", "\"required\": \"always\", \"expect\": {\"m\": \"xfail:H3\", \"m+s\": \"pass\"},"));
+  const auto& c = m.cells.at(0);
+  REQUIRE(c.variant == "m");
+  CHECK(c.expect == "xfail:H3");
+  CHECK(c.expect_source == "environments.e.expect[\"m\"]");
+  CHECK(c.counterfactual_capture == "e/m+fix-H3/t/float32-cpu");
+  CHECK(c.counterfactual_shims == std::vector<std::string>{"recompute-inv-freq"});
+  CHECK(m.cells.at(1).counterfactual_capture.empty());  // expected to pass: nothing to prove
+  EmitOptions o{"/bin/opensci-compat", "/tmp/work", {}};
+  const auto text = emit_ctest(m, o);
+  CHECK(text.find("add_test([==[capture/e/m+fix-H3/t/float32-cpu]==]") != std::string::npos);
+  CHECK(text.find("--variant [==[m/none+fix-H3]==]") != std::string::npos);
+  CHECK(text.find("--shim recompute-inv-freq") != std::string::npos);
+  CHECK(text.find("--counterfactual [==[/tmp/work/captures/e/m+fix-H3/t/float32-cpu]==]") != std::string::npos);
+  CHECK(text.find("FIXTURES_REQUIRED [==[capture.e/m/t/float32-cpu;capture.e/m+fix-H3/t/float32-cpu]==]") != std::string::npos);
+  CHECK(text.find("env provision --spec") != std::string::npos);
+  CHECK(text.find("--required always") != std::string::npos);
+  // An error hazard is proven by its signature: no counterfactual.
+  m = load_matrix(sm.with("EXPECT", "xfail:H2"));
+  CHECK(m.cells.at(0).counterfactual_capture.empty());
+  // matrix explain says where the expectation came from and how it is proven.
+  m = load_matrix(sm.with("\"required\": \"always\",", "\"required\": \"always\", \"expect\": {\"m\": \"xfail:H3\"},"));
+  const auto text2 = explain_cell(m, o, "cell/e/m/t/float32-cpu/vs-cpu-fp64");
+  CHECK(text2.find("xfail:H3 — from environments.e.expect[\"m\"]") != std::string::npos);
+  CHECK(text2.find("counterfactual capture e/m+fix-H3/t/float32-cpu") != std::string::npos);
+  CHECK(text2.find("x (tolerances.json): r") != std::string::npos);
+  REQUIRE_ERROR_MENTIONS(explain_cell(m, o, "e/m/t/float32"), "no cell named", "cell/e/m/t/float32-cpu/vs-cpu-fp64");
+}
+
+TEST_CASE("the tally fails a run that ran nothing live or skipped a required environment") {
+  SmallMatrix sm;
+  const auto m = load_matrix(sm.with());
+  EmitOptions o{"/bin/opensci-compat", sm.dir / "work", {}};
+  // No results at all: the required environment's cells did not run.
+  auto t = tally_cells(m, o, {}, 1);
+  CHECK_FALSE(t.ok);
+  CHECK(t.missing == 2);
+  CHECK(t.text.find("only 0 cells ran live") != std::string::npos);
+  CHECK(t.text.find("environment e is required (always)") != std::string::npos);
+  auto write = [&](const MatrixCell& c, const std::string& json) {
+    std::filesystem::create_directories(result_file(o, c).parent_path());
+    opensci::test::write_text(result_file(o, c), json);
   };
-  CHECK(load_matrix(with("EXPECT", "xfail:H3")).cells.at(0).expect == "xfail:H3");
-  REQUIRE_ERROR_MENTIONS(load_matrix(with("EXPECT", "maybe")), "m.json", "'maybe'", "xfail:<hazard id>");
-  REQUIRE_ERROR_MENTIONS(load_matrix(with("\"models\": [\"m\"]", "\"models\": [\"nope\"]")), "m.json", "'nope'");
-  REQUIRE_ERROR_MENTIONS(load_matrix(with("\"expect\": \"EXPECT\"", "\"patch_sets\": [\"nope\"]")), "patch set 'nope'");
+  write(m.cells.at(0), R"({"verdict": "pass", "capture": {"status": "ok"}})");
+  write(m.cells.at(1), R"({"verdict": "not-run", "not_run": {"reason": "no python", "unreachable": false}})");
+  t = tally_cells(m, o, {}, 1);
+  CHECK_FALSE(t.ok);  // a required environment may not be Not Run
+  CHECK(t.live == 1);
+  CHECK(t.text.find("Not Run, but environment e is required (always): no python") != std::string::npos);
+  write(m.cells.at(1), R"({"verdict": "xfail", "capture": {"status": "ok", "golden": "/x"}})");
+  t = tally_cells(m, o, {}, 1);
+  CHECK(t.ok);
+  CHECK(t.replayed == 1);
+  CHECK(t.text.find("1 ran live (pass 1), 1 replayed goldens (xfail 1)") != std::string::npos);
+  t = tally_cells(m, o, {"patched"}, 2);  // one cell deselected; 2 live demanded
+  CHECK(t.selected == 1);
+  CHECK_FALSE(t.ok);
 }
 
 TEST_CASE("static patches rewrite a copy and never silently do nothing") {

@@ -74,7 +74,7 @@ class DebianRootfsProvider final : public CachedProvider {
     const std::string mirror = this->mirror(why);
     if (mirror.empty()) return Availability::no(why);
     if (const auto problem = check_url_reachable(mirror); !problem.empty())
-      return Availability::no(fmt::format("Debian mirror {} is not reachable: {}", mirror, problem));
+      return Availability::offline(fmt::format("Debian mirror {} is not reachable: {}", mirror, problem));
     return Availability::yes(fmt::format("will build {} ({}: {}) from {} into {} (about 2.5 GB){}", id(), suite_,
                                          fmt::join(packages_, " "), mirror, cache_dir().string(), tool_note));
   }

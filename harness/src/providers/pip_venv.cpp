@@ -89,7 +89,7 @@ class PipProvider final : public CachedProvider {
     }
     const std::string index = effective_index();
     if (const auto problem = check_url_reachable(index); !problem.empty())
-      return Availability::no(fmt::format(
+      return Availability::offline(fmt::format(
           "package index {} is not reachable ({}) and no find_links wheel directory is given", index, problem));
     return Availability::yes(
         fmt::format("will build {} with {} from {} into {}", id(), tool, index, cache_dir().string()));

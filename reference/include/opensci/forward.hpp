@@ -1,7 +1,13 @@
 // The OpenSci forward pass on CPU: embeddings -> N x (pre-norm attention, pre-norm MLP) ->
-// final norm -> LM head. Two precisions share one code path:
+// final norm -> LM head. Three precisions share one code path:
 //   Precision::Golden  every op in double, plain loops (the oracle);
-//   Precision::Fast    fp32 with OpenBLAS sgemm and OpenMP threads (what torch does on CPU).
+//   Precision::Fast    fp32 with OpenBLAS sgemm and OpenMP threads (what torch does on CPU);
+//   Precision::BF16    the fast path with bf16 storage: weights rounded to bf16 once, every op
+//                      computed in fp32 and its output rounded to bf16 (round-to-nearest-even) at
+//                      the points torch rounds a bf16 model: linear outputs (bias added before the
+//                      rounding), RMSNorm (normalised value, then weight x value), RoPE (cos/sin,
+//                      each product, the sum), attention output, SiLU and the gate x up product,
+//                      every residual add, the logits.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +20,7 @@
 
 namespace opensci {
 
-enum class Precision { Golden, Fast };
+enum class Precision { Golden, Fast, BF16 };
 
 // A padded batch. Rows are left-padded; mask 0 marks padding.
 struct TokenBatch {
@@ -30,9 +36,19 @@ struct TokenBatch {
   void validate(int64_t vocab_size, const std::string& where) const;  // ids in range, mask 0/1
 };
 
+// Known defects the reference can be made to commit, for the mutation tests (tests/mutation):
+// each must turn at least one matrix cell red with the right diagnosis. Never set in a real run.
+//   "drop-bias:<tensor>"  the named bias read as zeros
+//   "theta-x2"            RoPE with twice the config's theta
+//   "skip-qk-norm"        no per-head q/k RMSNorm
+//   "swap-rope-halves"    rotate-half with its halves swapped (the rotation runs backwards)
 struct ForwardOptions {
   Precision precision = Precision::Golden;
   bool capture_hidden = false;  // per-layer tensors (names below)
+  std::string defect;           // "" = none (see above)
+
+  ForwardOptions(Precision p = Precision::Golden, bool hidden = false, std::string defect_ = {})
+      : precision(p), capture_hidden(hidden), defect(std::move(defect_)) {}
 };
 
 // Hidden-state names shared with the capture script (harness/python/capture.py):

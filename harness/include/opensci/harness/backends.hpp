@@ -9,9 +9,11 @@
 
 namespace opensci::harness {
 
-// precision: "fp64" (golden: cpu; libtorch too), "fp32", "bf16" (libtorch and GPU backends).
+// precision: "fp64" (golden: cpu; libtorch too), "fp32", "bf16" (cpu: fp32 compute with bf16
+// storage at torch's rounding points; libtorch and GPU backends).
+// defect: a known defect for the mutation tests (ForwardOptions::defect; cpu only), "" in real runs.
 ForwardResult run_reference(const std::string& backend, const Checkpoint& checkpoint, const TokenBatch& tokens,
-                            const std::string& precision, bool capture_hidden);
+                            const std::string& precision, bool capture_hidden, const std::string& defect = "");
 
 std::vector<std::string> available_backends();
 

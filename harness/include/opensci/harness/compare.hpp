@@ -20,6 +20,7 @@ struct Tolerance {
   double logsoftmax_max_abs = 1e-4;
   double hidden_max_abs = 1e-4;     // a layer above this is "divergent" (diagnosis only)
   double top1_agreement_min = 1.0;  // fraction of positions whose argmax must agree
+  double logits_rel_l2_max = 0;     // ||a - b|| / ||b|| over logits; 0 = not checked (bf16 cells use it)
   std::string reason;
 };
 

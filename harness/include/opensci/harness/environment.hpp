@@ -32,9 +32,13 @@ struct Availability {
   bool available = false;
   bool ready = false;  // already realised (realise() will not build anything)
   std::string reason;  // unavailable: why; available: what realise() will use or do
+  // Unavailable only because a network resource it needs (a package index, a mirror) did not
+  // answer: a run that requires the environment "when-reachable" may then leave it Not Run.
+  bool unreachable = false;
 
-  static Availability yes(std::string note, bool ready = false) { return {true, ready, std::move(note)}; }
-  static Availability no(std::string why) { return {false, false, std::move(why)}; }
+  static Availability yes(std::string note, bool ready = false) { return {true, ready, std::move(note), false}; }
+  static Availability no(std::string why) { return {false, false, std::move(why), false}; }
+  static Availability offline(std::string why) { return {false, false, std::move(why), true}; }
   explicit operator bool() const { return available; }
 };
 

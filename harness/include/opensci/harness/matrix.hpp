@@ -5,7 +5,11 @@
 //   env/<env>                                    FIXTURES_SETUP env.<env>        (skip 77 = unavailable)
 //   capture/<env>/<variant>/<tokens>/<dtype>-<dev> FIXTURES_SETUP capture.<...>  (requires env + model)
 //   cell/<env>/<variant>/<tokens>/<dtype>-<dev>/vs-<backend>-<precision>         (requires capture)
+//   capture/<env>/<variant>+fix-<H>/...         the counterfactual of an xfail:<H> cell whose hazard
+//                                                has a runtime fix (hazards.json): the same run + the fix
 // where <variant> is <model> (unpatched) or <model>+<patch set>.
+// The file is validated strictly: an unknown key anywhere, an unknown hazard, tolerance, shim,
+// dtype, device, backend or precision is an error naming its location (cells[19].capture.dytpe).
 // Cells are labelled: matrix, cell, version (v5, v5.12), environment, provider, backend,
 // dtype, sp<N>, ep<N>, unpatched/patched (+ the patch set name), and the model's labels.
 #pragma once
@@ -33,6 +37,7 @@ struct PatchSet {
   std::string name = "none";
   std::filesystem::path static_patch;  // empty: no static rewrite
   std::vector<std::string> shims;
+  std::vector<std::string> fixes;  // hazards it repairs (validated against the hazard table)
   bool unpatched() const { return static_patch.empty() && shims.empty(); }
 };
 
@@ -43,6 +48,10 @@ struct MatrixEnvironment {
   std::vector<std::string> patch_sets{"none"};  // each model runs once per patch set
   // "<model>" (unpatched) or "<model>+<patch set>" -> "pass" | "xfail:<hazard>" (overrides the cell's)
   std::map<std::string, std::string> expect;
+  // Whether a run may leave this environment Not Run: "no" (it may), "always" (unavailable =
+  // failure), "when-reachable" (unavailable = failure unless the network resource it needs — an
+  // index, a mirror — did not answer). OPENSCI_OPTIONAL_ENVS=<env>,... or =all relaxes it.
+  std::string required = "no";
   std::vector<std::string> version_labels() const;  // "5.12.1" -> {"v5", "v5.12"}
   std::string provider() const;
   bool golden() const { return provider() == "golden"; }  // replays committed captures
@@ -66,11 +75,15 @@ struct MatrixCell {
   ReferenceRun reference;
   int sp = 1, ep = 1;
   std::string expect = "pass";
+  std::string expect_source;           // where the expectation came from ("environments.e.expect[\"m\"]", ...)
+  std::string counterfactual_capture;  // capture name of the counterfactual run ("" when none)
+  std::vector<std::string> counterfactual_shims;  // the cell's shims + the expected hazard's fix
+  std::string source;                  // "cells[3]": the matrix entry the cell expands from
   std::vector<std::string> labels;
 };
 
 struct Matrix {
-  std::filesystem::path file, source_dir, tolerances;
+  std::filesystem::path file, source_dir, tolerances, hazards;
   std::map<std::string, MatrixModel> models;
   std::map<std::string, PatchSet> patch_sets;
   std::map<std::string, MatrixEnvironment> environments;
@@ -87,10 +100,30 @@ struct EmitOptions {
 };
 std::string emit_ctest(const Matrix& matrix, const EmitOptions& options);
 
+// What a cell expands to (environment, model, patch set, inputs, reference, tolerance with its
+// reason, expected outcome and where it came from, the hazard row, the CTest tests and fixtures
+// it needs), for `opensci-compat matrix explain <cell>`. Throws naming close matches when the
+// cell is unknown.
+std::string explain_cell(const Matrix& matrix, const EmitOptions& options, const std::string& cell);
+
+// Ran, not just collected: of the selected cells (those without an excluded label), how many ran
+// live, replayed a golden, or did not run (grouped by reason). Not ok when fewer than `min_live`
+// ran live, or when a cell of a required environment has no result or was not run (for
+// "when-reachable" environments Not Run is allowed only when its index/mirror was unreachable).
+struct Tally {
+  bool ok = true;
+  int selected = 0, live = 0, replayed = 0, not_run = 0, missing = 0;
+  std::map<std::string, int> verdicts;  // "live pass", "replayed xfail", ...
+  std::string text;                     // the printed summary, problems last
+};
+Tally tally_cells(const Matrix& matrix, const EmitOptions& options, const std::vector<std::string>& exclude_labels,
+                  int min_live);
+
 // Where the pieces of a cell live under the work dir.
 std::filesystem::path model_dir(const EmitOptions& o, const MatrixModel& m);
 std::filesystem::path model_dir(const EmitOptions& o, const MatrixCell& c);  // the patched copy when statically patched
 std::filesystem::path capture_dir(const EmitOptions& o, const MatrixCell& c);
+std::filesystem::path counterfactual_dir(const EmitOptions& o, const MatrixCell& c);  // empty when none
 std::filesystem::path result_file(const EmitOptions& o, const MatrixCell& c);
 
 }  // namespace opensci::harness
