@@ -12,7 +12,10 @@ torch and transformers only. Writes into --out-dir:
                       the HF names, plus the non-persistent buffers (e.g. rotary inv_freq), so
                       loaded weights and recreated buffers can be checked against the checkpoint
   provenance.json     versions, dtypes, device, attention implementation, shims (per stage, with
-                      what each did), RoPE inv_freq buffers as loaded vs the config, timings, ...
+                      what each did), RoPE inv_freq buffers as loaded vs the config, timings, how
+                      it ran ("runner": a cold interpreter, or a child of the capture worker
+                      harness/python/worker.py with the worker's pid, start, captures served and
+                      the clean-start check), ...
   error.json          only on failure: {stage, type, message, traceback}; exit status 3
 Non-finite logits are written as they are (the C++ side judges them) and counted in provenance.
 """
@@ -208,6 +211,9 @@ def run(args, prov, progress):
         prov["cuda_device"] = torch.cuda.get_device_name()
     prov["shim_effects"] = shims.effects()
     describe_model(model, prov)
+    # Where the remote code was imported from (the per-run HF_MODULES_CACHE, also in a worker).
+    prov["remote_code_files"] = sorted(m.__file__ for n, m in list(sys.modules.items())
+                                       if n.startswith("transformers_modules.") and getattr(m, "__file__", None))
     # The RoPE buffers as transformers left them (before any post-load shim): H3 evidence.
     prov["inv_freq_as_loaded"] = describe_inv_freq(model)
 
@@ -303,6 +309,18 @@ def loaded_tensors(model):
             for name, t in tensors.items()}
 
 
+def runner_record():
+    """How this capture runs: {"mode": "cold"} for `python capture.py`, else what the capture
+    worker (worker.py) that forked this process put into the opensci_capture_worker module."""
+    module = sys.modules.get("opensci_capture_worker")
+    context = getattr(module, "context", None)
+    if not isinstance(context, dict):
+        return {"mode": "cold", "pid": os.getpid()}
+    record = {k: v for k, v in context.items() if k != "import_warnings"}
+    record["pid"] = os.getpid()
+    return record
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -319,7 +337,12 @@ def main(argv=None):
         "requested_attn_impl": args.attn_impl,
         "warnings": [],
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "runner": runner_record(),
     }
+    # In a worker, torch and transformers were imported before this process existed: the
+    # warnings they raised then are the ones a cold run records during its import stage.
+    module = sys.modules.get("opensci_capture_worker")
+    import_warnings = list(getattr(module, "context", {}).get("import_warnings", [])) if module else []
     progress = {"stage": "import"}
     exit_code = 0
     with warnings.catch_warnings(record=True) as caught:
@@ -334,7 +357,7 @@ def main(argv=None):
                 json.dump(error, f, indent=2)
             prov.update(status="error", error_stage=progress["stage"], error_type=type(e).__name__)
             exit_code = EXIT_FAILURE
-    prov["warnings"] += [f"{w.category.__name__}: {w.message}" for w in caught]
+    prov["warnings"] += import_warnings + [f"{w.category.__name__}: {w.message}" for w in caught]
     with open(os.path.join(args.out_dir, "provenance.json"), "w", encoding="utf-8") as f:
         json.dump(prov, f, indent=2, default=str)
     return exit_code

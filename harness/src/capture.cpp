@@ -191,13 +191,31 @@ CaptureResult run_capture(const CaptureOptions& o) {
   if (o.hidden_states) args.push_back("--hidden-states");
   if (o.dump_state_dict) args.push_back("--dump-state-dict");
   for (const auto& s : o.shims) args.insert(args.end(), {"--shim", s});
-  auto spec = env.python(fs::absolute(o.script_dir) / "capture.py", args,
-                         {fs::absolute(o.script_dir), fs::absolute(o.model), fs::absolute(o.tokens_file).parent_path(),
-                          fs::absolute(o.out)},
-                         extra, std::chrono::duration_cast<std::chrono::milliseconds>(o.timeout));
-  spec.stdout_path = o.out / "stdout.log";
-  spec.stderr_path = o.out / "stderr.log";
-  const auto proc = run_process(spec);
+  const fs::path script = fs::absolute(o.script_dir) / "capture.py";
+  const std::vector<fs::path> host_dirs = {fs::absolute(o.script_dir), fs::absolute(o.model),
+                                           fs::absolute(o.tokens_file).parent_path(), fs::absolute(o.out)};
+  const auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(o.timeout);
+  std::string cold_why = "--no-worker";
+  if (const char* v = std::getenv("OPENSCI_CAPTURE_WORKER"); v && std::string(v) == "0") cold_why = "OPENSCI_CAPTURE_WORKER=0";
+  WorkerRun worker;
+  if (o.worker && cold_why == "--no-worker") {
+    worker = run_in_worker(env, {script, args, host_dirs, extra, o.out / "stdout.log", o.out / "stderr.log", timeout},
+                           o.worker_settings);
+    cold_why = worker.fallback_reason;
+    if (!worker.used) fmt::print(stderr, "capture: running cold: no capture worker: {}\n", cold_why);
+  }
+  ProcessResult proc;
+  json runner;
+  if (worker.used) {
+    proc = worker.proc;
+    runner = worker.record;
+  } else {
+    auto spec = env.python(script, args, host_dirs, extra, timeout);
+    spec.stdout_path = o.out / "stdout.log";
+    spec.stderr_path = o.out / "stderr.log";
+    proc = run_process(spec);
+    runner = {{"mode", "cold"}, {"why", cold_why}};
+  }
 
   json error;
   if (fs::exists(o.out / "error.json")) {
@@ -212,6 +230,13 @@ CaptureResult run_capture(const CaptureOptions& o) {
   if (proc.timed_out) {
     r.status = CaptureStatus::Timeout;
     r.detail = proc.describe();
+    if (worker.worker_lost) r.detail += "; " + worker.detail;
+  } else if (worker.worker_lost) {
+    r.status = CaptureStatus::Crash;
+    r.detail = worker.detail + "; its process group was killed";
+  } else if (worker.unclean || worker.setup_failed) {
+    r.status = CaptureStatus::Error;
+    r.detail = worker.detail;
   } else if (proc.signal != 0) {
     r.status = CaptureStatus::Crash;
     r.detail = proc.describe();
@@ -229,7 +254,8 @@ CaptureResult run_capture(const CaptureOptions& o) {
     r.detail = problem;
   } else {
     r.status = CaptureStatus::Ok;
-    r.detail = fmt::format("captured in {:.1f} s", proc.wall_seconds);
+    r.detail = fmt::format("captured in {:.2f} s{}", proc.wall_seconds,
+                           worker.used ? fmt::format(" (capture worker pid {})", runner.value("worker_pid", 0)) : "");
   }
   r.outcome = {{"status", capture_status_name(r.status)},
                {"detail", r.detail},
@@ -242,6 +268,7 @@ CaptureResult run_capture(const CaptureOptions& o) {
                {"timed_out", proc.timed_out},
                {"wall_seconds", proc.wall_seconds},
                {"stderr_tail", proc.stderr_tail},
+               {"runner", runner},
                {"error", error},
                {"environment",
                 {{"id", env.id},

@@ -13,6 +13,7 @@
 #include "opensci/harness/compare.hpp"
 #include "opensci/harness/diagnosis.hpp"
 #include "opensci/harness/hazards.hpp"
+#include "opensci/harness/measurements.hpp"
 #include "opensci/parallel/cell_parallel.hpp"
 
 namespace opensci::harness {
@@ -155,6 +156,7 @@ int run_cell(const CellOptions& o) {
     result["verdict"] = verdict;
     result["summary"] = summary;
     write_result(o.result, result);
+    print_ctest_measurements(result, o.result);
     fmt::print("{}: {}\n", verdict, summary);
     return code;
   };
@@ -189,7 +191,8 @@ int run_cell(const CellOptions& o) {
   const Checkpoint ck(o.model);
   batch.validate(ck.config().vocab_size, o.tokens_file.string());
   const auto tol = load_tolerance(o.tolerance_file, o.tolerance);
-  // The reference forward, on the cell's batch; sp/ep cells: the sharded reference on real ranks, checked against the unsharded one first.
+  // The reference forward, on the cell's batch. sp/ep cells: the sharded reference on real ranks,
+  // checked against the unsharded one first (parallel/src/cell_parallel.cpp).
   const auto sharded = parallel::run_parallel_reference(o, ck, batch, result);
   if (sharded.status == parallel::ParallelReference::Status::NotRun) return finish("not-run", 77, sharded.summary);
   if (sharded.status == parallel::ParallelReference::Status::Failed) return finish("fail", 1, sharded.summary);

@@ -1,5 +1,6 @@
 // `matrix ctest`, `capture`, `cell`: the steps CTest runs for every matrix cell.
 #include <fmt/core.h>
+#include <fmt/ranges.h>
 
 #include <fstream>
 #include <thread>
@@ -11,8 +12,6 @@
 #include "opensci/harness/environment.hpp"
 #include "opensci/harness/matrix.hpp"
 #include "opensci/harness/patch.hpp"
-#include <fmt/ranges.h>
-#include "opensci/harness/report.hpp"
 
 namespace opensci::cli {
 namespace fs = std::filesystem;
@@ -98,6 +97,7 @@ void add_capture_command(CLI::App& app) {
   cmd->add_option("--script-dir", a->o.script_dir, "directory of capture.py")->default_str(OPENSCI_SOURCE_DIR "/harness/python");
   cmd->add_flag("--hidden-states,!--no-hidden-states", a->o.hidden_states, "capture per-layer tensors");
   cmd->add_flag("--dump-state-dict,!--no-dump-state-dict", a->o.dump_state_dict, "dump parameters after loading");
+  cmd->add_flag("!--no-worker", a->o.worker, "run a cold interpreter instead of the environment's capture worker");
   cmd->callback([a] {
     a->o.env_spec = harness::load_spec(a->spec);
     a->o.timeout = std::chrono::seconds(a->timeout_s);
@@ -162,30 +162,6 @@ void add_cell_command(CLI::App& app) {
     for (std::string l; std::getline(ss, l, ',');) o->labels.push_back(l);
     const int code = harness::run_cell(*o);
     if (code != 0) throw CLI::RuntimeError(code);
-  });
-}
-
-}  // namespace opensci::cli
-
-namespace opensci::cli {
-
-void add_report_command(CLI::App& app) {
-  struct Args {
-    std::string results, markdown, html;
-  };
-  auto a = std::make_shared<Args>();
-  auto* cmd = app.add_subcommand("report", "Render cell results as a table, Markdown and HTML");
-  cmd->add_option("--results", a->results, "directory of cell result JSON files")->required();
-  cmd->add_option("--markdown", a->markdown, "write Markdown here");
-  cmd->add_option("--html", a->html, "write a self-contained HTML page here");
-  cmd->callback([a] {
-    const auto results = harness::load_results(a->results);
-    if (results.empty()) fail("{}: no cell results (run the matrix first: ctest -L matrix)", a->results);
-    fmt::print("{}", harness::render_table(results));
-    if (!a->markdown.empty()) std::ofstream(a->markdown) << harness::render_markdown(results);
-    if (!a->html.empty()) std::ofstream(a->html) << harness::render_html(results);
-    const auto n = harness::count_verdicts(results);
-    if (n.fail + n.xpass > 0) throw CLI::RuntimeError(1);
   });
 }
 

@@ -13,6 +13,7 @@ void add_compare_command(CLI::App& app);
 void add_matrix_command(CLI::App& app);
 void add_capture_command(CLI::App& app);
 void add_env_command(CLI::App& app);
+void add_worker_command(CLI::App& app);  // `env workers` (after add_env_command)
 void add_cell_command(CLI::App& app);
 void add_patch_command(CLI::App& app);
 void add_report_command(CLI::App& app);

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   opensci::cli::add_matrix_command(app);
   opensci::cli::add_capture_command(app);
   opensci::cli::add_env_command(app);
+  opensci::cli::add_worker_command(app);
   opensci::cli::add_cell_command(app);
   opensci::cli::add_patch_command(app);
   opensci::cli::add_report_command(app);

@@ -455,9 +455,11 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
                       c.model->name));
     const auto required = c.env->golden() ? model_fixture : fmt::format("env.{};{}", c.env->name, model_fixture);
     const auto capture_props = [&](const std::string& name) {
+      // A CUDA capture takes the GPU CTest allocates it (run_capture hands it to the child).
       return fmt::format("FIXTURES_SETUP {} FIXTURES_REQUIRED {} SKIP_RETURN_CODE 77 TIMEOUT 900 "
-                         "PROCESSORS 2 LABELS \"matrix;capture;{}\"",
-                         bracket("capture." + name), bracket(required), c.env->name);
+                         "PROCESSORS 2 LABELS \"matrix;capture;{}\"{}",
+                         bracket("capture." + name), bracket(required), c.env->name,
+                         c.device == "cuda" ? " RESOURCE_GROUPS gpus:1" : "");
     };
     const auto variant = c.model->name + "/" + c.patch->name;
     if (used_captures.insert(c.capture_name).second)

@@ -185,7 +185,160 @@ struct TrackedGroup {
   std::atomic<pid_t>* slot = nullptr;
 };
 
+// The steps before execve shared by run_process's child and spawn_detached's grandchild:
+// default signal dispositions, stdin /dev/null, stdout/stderr files, cwd, no core files, every
+// descriptor closed but err_fd and keep_fds (sorted). Async-signal-safe.
+void child_redirect_and_close(int err_fd, const char* out_path, const char* err_path, bool merged, const char* cwd,
+                              const std::vector<int>& keep_fds) {
+  const int in = open_retry("/dev/null", O_RDONLY);
+  if (in < 0 || ::dup2(in, 0) < 0) child_fail(err_fd, ChildStage::DevNull);
+  if (*out_path) {
+    const int fd = open_retry(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || ::dup2(fd, 1) < 0) child_fail(err_fd, ChildStage::Stdout);
+  }
+  if (merged) {
+    if (::dup2(1, 2) < 0) child_fail(err_fd, ChildStage::Stderr);
+  } else if (*err_path) {
+    const int fd = open_retry(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || ::dup2(fd, 2) < 0) child_fail(err_fd, ChildStage::Stderr);
+  }
+  if (*cwd && ::chdir(cwd) != 0) child_fail(err_fd, ChildStage::Chdir);
+  const rlimit no_core{0, 0};
+  ::setrlimit(RLIMIT_CORE, &no_core);
+  int lo = 3;
+  size_t k = 0;
+  bool err_done = false;
+  for (;;) {
+    int keep = INT_MAX;
+    const bool take_err = !err_done && (k >= keep_fds.size() || err_fd < keep_fds[k]);
+    if (take_err)
+      keep = err_fd;
+    else if (k < keep_fds.size())
+      keep = keep_fds[k];
+    if (keep == INT_MAX) break;
+    close_from(lo, keep - 1);
+    lo = std::max(lo, keep + 1);
+    if (take_err)
+      err_done = true;
+    else
+      ::fcntl(keep_fds[k++], F_SETFD, 0);
+  }
+  close_from(lo, INT_MAX);
+}
+
 }  // namespace
+
+ForwardedGroup::ForwardedGroup(int pgid) {
+  if (pgid <= 0) return;
+  install_forwarding_once();
+  for (auto& g : g_running_groups) {
+    pid_t expected = 0;
+    if (g.compare_exchange_strong(expected, pgid)) {
+      slot_ = &g;
+      return;
+    }
+  }
+}
+
+ForwardedGroup::~ForwardedGroup() {
+  if (slot_) static_cast<std::atomic<pid_t>*>(slot_)->store(0);
+}
+
+int spawn_detached(const ProcessSpec& spec) {
+  if (spec.argv.empty()) fail("spawn_detached: empty argv (expected at least the program to run)");
+  if (spec.stdout_path.empty() || spec.stderr_path.empty())
+    fail("spawn_detached({}): stdout_path and stderr_path are required (a detached process must not inherit the "
+         "caller's streams)",
+         spec.argv[0]);
+  std::string resolve_error;
+  const std::string program = resolve_program(spec.argv[0], spec.env, resolve_error);
+  if (program.empty()) fail("spawn_detached: {}", resolve_error);
+  std::vector<std::string> env_strings;
+  for (const auto& [key, value] : spec.env) env_strings.push_back(key + "=" + value);
+  std::vector<char*> argv, envp;
+  for (const auto& a : spec.argv) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  for (const auto& p : {spec.stdout_path, spec.stderr_path}) {
+    std::error_code ec;
+    if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path(), ec);
+  }
+  const std::string out_path = spec.stdout_path.string(), err_path = spec.stderr_path.string();
+  const std::string cwd = spec.cwd.string();
+  const bool merged = out_path == err_path;
+  std::vector<int> keep_fds;
+  for (const int fd : spec.inherit_fds)
+    if (fd > 2) keep_fds.push_back(fd);
+  std::sort(keep_fds.begin(), keep_fds.end());
+  keep_fds.erase(std::unique(keep_fds.begin(), keep_fds.end()), keep_fds.end());
+
+  int err_pipe[2], pid_pipe[2];
+  if (::pipe2(err_pipe, O_CLOEXEC) != 0) fail("spawn_detached: pipe2 failed: {}", errno_text(errno));
+  if (::pipe2(pid_pipe, O_CLOEXEC) != 0) {
+    const int err = errno;
+    ::close(err_pipe[0]);
+    ::close(err_pipe[1]);
+    fail("spawn_detached: pipe2 failed: {}", errno_text(err));
+  }
+  const pid_t middle = ::fork();
+  if (middle < 0) {
+    const int err = errno;
+    for (const int fd : {err_pipe[0], err_pipe[1], pid_pipe[0], pid_pipe[1]}) ::close(fd);
+    fail("spawn_detached: fork failed for '{}': {}", program, errno_text(err));
+  }
+  if (middle == 0) {
+    // ---- intermediate: async-signal-safe calls only ----
+    int err_fd = ::fcntl(err_pipe[1], F_DUPFD_CLOEXEC, 3);
+    if (err_fd < 0) err_fd = err_pipe[1];
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; ++sig)
+      if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
+    if (::setsid() < 0) child_fail(err_fd, ChildStage::Setsid);
+    const pid_t server = ::fork();
+    if (server < 0) child_fail(err_fd, ChildStage::Setsid);
+    if (server > 0) {
+      const ssize_t n = ::write(pid_pipe[1], &server, sizeof server);
+      _exit(n == static_cast<ssize_t>(sizeof server) ? 0 : 126);
+    }
+    // ---- the detached process (no longer a session leader: it can never get a terminal) ----
+    child_redirect_and_close(err_fd, out_path.c_str(), err_path.c_str(), merged, cwd.c_str(), keep_fds);
+    ::execve(program.c_str(), argv.data(), envp.data());
+    child_fail(err_fd, ChildStage::Execve);
+  }
+  ::close(err_pipe[1]);
+  ::close(pid_pipe[1]);
+  pid_t server = -1;
+  size_t got_pid = 0;
+  while (got_pid < sizeof server) {
+    const ssize_t n = ::read(pid_pipe[0], reinterpret_cast<char*>(&server) + got_pid, sizeof server - got_pid);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got_pid += static_cast<size_t>(n);
+  }
+  ::close(pid_pipe[0]);
+  ChildFailure failure{};
+  size_t got = 0;
+  while (got < sizeof failure) {
+    const ssize_t n = ::read(err_pipe[0], reinterpret_cast<char*>(&failure) + got, sizeof failure - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  ::close(err_pipe[0]);
+  int status = 0;
+  waitpid_retry(middle, &status, 0);
+  if (got == sizeof failure)
+    fail("spawn_detached: {}: {}", stage_text(failure.stage, spec, program), errno_text(failure.err));
+  if (got_pid != sizeof server || server <= 0)
+    fail("spawn_detached({}): the intermediate process ended without reporting the pid ({})", program,
+         WIFSIGNALED(status) ? fmt::format("signal {}", WTERMSIG(status)) : fmt::format("exit {}", WEXITSTATUS(status)));
+  return server;
+}
 
 void forward_termination_to_children() { install_forwarding(false); }
 
@@ -321,41 +474,9 @@ ProcessResult run_process(const ProcessSpec& spec) {
     // parent died before prctl.
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != parent_pid) _exit(127);
-    const int in = open_retry("/dev/null", O_RDONLY);
-    if (in < 0 || ::dup2(in, 0) < 0) child_fail(err_fd, ChildStage::DevNull);
-    if (!out_path.empty()) {
-      const int fd = open_retry(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (fd < 0 || ::dup2(fd, 1) < 0) child_fail(err_fd, ChildStage::Stdout);
-    }
-    if (merged) {
-      if (::dup2(1, 2) < 0) child_fail(err_fd, ChildStage::Stderr);
-    } else if (!err_path.empty()) {
-      const int fd = open_retry(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (fd < 0 || ::dup2(fd, 2) < 0) child_fail(err_fd, ChildStage::Stderr);
-    }
-    if (!cwd.empty() && ::chdir(cwd.c_str()) != 0) child_fail(err_fd, ChildStage::Chdir);
-    const rlimit no_core{0, 0};
-    ::setrlimit(RLIMIT_CORE, &no_core);  // a crashing capture must not litter core files
-    // Close everything but err_fd and the inherited fds (both ascending: merge them).
-    int lo = 3;
-    size_t k = 0;
-    bool err_done = false;
-    for (;;) {
-      int keep = INT_MAX;
-      const bool take_err = !err_done && (k >= keep_fds.size() || err_fd < keep_fds[k]);
-      if (take_err)
-        keep = err_fd;
-      else if (k < keep_fds.size())
-        keep = keep_fds[k];
-      if (keep == INT_MAX) break;
-      close_from(lo, keep - 1);
-      lo = std::max(lo, keep + 1);
-      if (take_err)
-        err_done = true;
-      else
-        ::fcntl(keep_fds[k++], F_SETFD, 0);  // keep across execve
-    }
-    close_from(lo, INT_MAX);
+    // stdin /dev/null, the output files, cwd, no core files (a crashing capture must not litter
+    // core files), every other descriptor closed but err_fd and the inherited ones.
+    child_redirect_and_close(err_fd, out_path.c_str(), err_path.c_str(), merged, cwd.c_str(), keep_fds);
     ::execve(program.c_str(), argv.data(), envp.data());
     child_fail(err_fd, ChildStage::Execve);
   }

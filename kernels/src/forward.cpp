@@ -58,7 +58,7 @@ struct GpuModel::Impl {
   Impl(const ModelConfig& c, const GpuForwardOptions& o) : config(c), options(o) {
     const DeviceProbe probe = probe_device();
     if (!probe.available) fail("gpu forward: {}", probe.reason);
-    OPENSCI_GPU_CHECK(rt::set_device(o.device));
+    if (o.device >= 0) OPENSCI_GPU_CHECK(rt::set_device(o.device));  // else the probe selected it
     gemm = std::make_unique<Gemm>(o.gemm);
     std::vector<float> inv;
     for (double f : ops::rope_inv_freq(c.head_dim, c.rope_theta)) inv.push_back(static_cast<float>(f));

@@ -5,6 +5,7 @@
 
 #include "opensci/error.hpp"
 #include "opensci/gpu/device.hpp"
+#include "opensci/gpu/resource_groups.hpp"
 #include "opensci/safetensors.hpp"
 
 namespace opensci::gpu {
@@ -39,8 +40,12 @@ DeviceProbe probe_device() {
     p.reason = fmt::format("no {} device: {} returned success with 0 devices", rt::kPlatform, call);
     return p;
   }
+  const GpuSelection selection = select_gpu_from_environment(p.count);
+  p.device = selection.device;
+  p.selection = selection.source;
+  OPENSCI_GPU_CHECK(rt::set_device(p.device));
   p.available = true;
-  if (rt::device_name(0, &p.name) != rt::kSuccess) p.name = "device 0";
+  if (rt::device_name(p.device, &p.name) != rt::kSuccess) p.name = fmt::format("device {}", p.device);
   return p;
 }
 

@@ -45,12 +45,19 @@ class Suite {
 
   // Returns kSkip with the reason printed when there is no device: CTest shows "Not Run".
   int skip_without_device() const {
-    const DeviceProbe probe = probe_device();
+    DeviceProbe probe;
+    try {
+      probe = probe_device();
+    } catch (const std::exception& e) {  // a malformed CTest GPU allocation: a failure, not a skip
+      fmt::print("FAIL {}: {}\n", name_, e.what());
+      return 1;
+    }
     if (!probe.available) {
       fmt::print("SKIP {}: {}\n", name_, probe.reason);
       return kSkip;
     }
-    fmt::print("{}: {} device '{}' ({} visible)\n", name_, rt::kPlatform, probe.name, probe.count);
+    fmt::print("{}: {} device {} '{}' ({} visible; {})\n", name_, rt::kPlatform, probe.device, probe.name, probe.count,
+               probe.selection);
     return 0;
   }
 

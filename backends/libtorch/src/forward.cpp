@@ -11,6 +11,7 @@
 #include <map>
 
 #include "opensci/error.hpp"
+#include "opensci/gpu/resource_groups.hpp"
 #include "opensci/ops.hpp"
 
 namespace opensci::libtorch {
@@ -30,7 +31,9 @@ torch::Device parse_device(const std::string& name) {
   if (name == "cuda") {
     if (!torch::cuda::is_available())
       fail("libtorch forward: device 'cuda' requested, but this libtorch ({}) sees no CUDA/ROCm device", TORCH_VERSION);
-    return torch::kCUDA;
+    // The GPU CTest allocated to this test (RESOURCE_GROUPS gpus:1), else OPENSCI_GPU_DEVICE, else 0.
+    const auto gpu = gpu::select_gpu_from_environment(static_cast<int>(torch::cuda::device_count()));
+    return {torch::kCUDA, static_cast<c10::DeviceIndex>(gpu.device)};
   }
   fail("libtorch forward: device '{}' is not cpu or cuda", name);
 }

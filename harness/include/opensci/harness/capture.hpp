@@ -6,6 +6,11 @@
 //   timeout     ran past the limit; the whole process group was killed
 //   no-output   exited 0 without writing output.safetensors
 //   bad-output  output.safetensors unreadable, or not the logits of the requested batch
+// A live capture runs in the environment's capture worker (capture_worker.hpp: a fork server that
+// imported torch and transformers once) unless CaptureOptions::worker is false (`capture
+// --no-worker`) or OPENSCI_CAPTURE_WORKER=0; when no worker can be had it runs cold and says why.
+// outcome.json "runner" records which ({"mode": "worker", "worker_pid", ...} or {"mode": "cold",
+// "why"}); a worker that dies mid-capture is a crash, a worker state that is not pristine an error.
 // The environment being unavailable on this machine is not an outcome: <out>/SKIPPED holds
 // the reason and the caller reports Not Run.
 //
@@ -20,6 +25,8 @@
 #include <string>
 #include <vector>
 
+#include "opensci/harness/capture_worker.hpp"
+
 namespace opensci::harness {
 
 struct CaptureOptions {
@@ -32,6 +39,8 @@ struct CaptureOptions {
   std::vector<std::string> shims;
   int threads = 0;  // 0 = all cores
   std::chrono::seconds timeout{600};
+  bool worker = true;  // false: a cold interpreter (`--no-worker`)
+  WorkerSettings worker_settings;
 };
 
 enum class CaptureStatus { Ok, Error, Crash, Timeout, NoOutput, BadOutput, Unavailable };

@@ -61,6 +61,29 @@ struct ProcessResult {
 // default action; see forward_termination_to_children()).
 ProcessResult run_process(const ProcessSpec& spec);
 
+// Starts a process that outlives the caller (a server such as the capture worker): its own
+// session, reparented to init (double fork; the intermediate process is reaped here), no
+// PR_SET_PDEATHSIG, stdin /dev/null, stdout/stderr to spec.stdout_path / spec.stderr_path
+// (required: a detached process must never hold the caller's pipes, or CTest would wait for it),
+// every other descriptor closed except spec.inherit_fds, cwd and env as in run_process.
+// spec.timeout and the heartbeat are ignored. Returns its pid; throws opensci::Error naming the
+// failed step ("execve(/x/y): No such file or directory") when it cannot start.
+int spawn_detached(const ProcessSpec& spec);
+
+// While alive, SIGINT/SIGTERM/SIGHUP of this process are forwarded to process group `pgid` as to
+// the children of run_process (for a process started elsewhere, e.g. a capture forked by the
+// capture worker on this process's behalf). pgid <= 0: nothing.
+class ForwardedGroup {
+ public:
+  explicit ForwardedGroup(int pgid);
+  ~ForwardedGroup();
+  ForwardedGroup(const ForwardedGroup&) = delete;
+  ForwardedGroup& operator=(const ForwardedGroup&) = delete;
+
+ private:
+  void* slot_ = nullptr;
+};
+
 // Installs the SIGINT/SIGTERM/SIGHUP forwarding unconditionally (replacing existing handlers):
 // the groups of running children get SIGTERM, then this process dies of the signal.
 void forward_termination_to_children();

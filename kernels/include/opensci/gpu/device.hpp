@@ -14,11 +14,16 @@ namespace opensci::gpu {
 
 // Whether this build's platform has a usable device, and if not, why, in the runtime's words:
 // "no CUDA device: cudaGetDeviceCount returned cudaErrorInsufficientDriver (35): ...".
+// When there is one, the probe also selects this process's device (rt::set_device): the GPU CTest
+// allocated to the test (CTEST_RESOURCE_GROUP_<n>_GPUS, see resource_groups.hpp), else
+// OPENSCI_GPU_DEVICE, else 0. A malformed allocation, or one naming a missing device, throws.
 struct DeviceProbe {
   bool available = false;
   int count = 0;
-  std::string reason;  // why not, when !available
-  std::string name;    // device 0 when available
+  int device = 0;         // the selected device, when available
+  std::string selection;  // why that one: "CTEST_RESOURCE_GROUP_0_GPUS=id:3,slots:1", "default device 0 ..."
+  std::string reason;     // why not, when !available
+  std::string name;       // of the selected device, when available
 };
 DeviceProbe probe_device();
 

@@ -22,7 +22,7 @@ namespace opensci::gpu {
 struct GpuForwardOptions {
   DType dtype = DType::F32;
   GemmBackend gemm = GemmBackend::Auto;
-  int device = 0;
+  int device = -1;  // < 0: the device probe_device() selects (CTest's allocation, else 0)
 };
 
 struct GpuRunOptions {

@@ -1,0 +1,31 @@
+# Dashboard step 1: start a new dashboard and configure (see common.cmake for the settings).
+#   ctest -S scripts/ci/dashboard/configure.cmake -VV
+include("${CMAKE_CURRENT_LIST_DIR}/common.cmake")
+
+file(REMOVE "${CTEST_BINARY_DIRECTORY}/dashboard-submit.txt")
+opensci_dashboard_start(NEW)
+
+set(_options -DCMAKE_BUILD_TYPE=Release -DOPENSCI_WARNINGS_AS_ERRORS=ON)
+if(backend STREQUAL "cuda")
+  list(APPEND _options -DOPENSCI_WITH_CUDA=ON)
+  if(DEFINED ENV{OPENSCI_CUDA_ARCHITECTURES})
+    list(APPEND _options "-DOPENSCI_CUDA_ARCHITECTURES=$ENV{OPENSCI_CUDA_ARCHITECTURES}")
+  endif()
+elseif(backend STREQUAL "hip")
+  list(APPEND _options -DOPENSCI_WITH_HIP=ON)
+  if(DEFINED ENV{OPENSCI_HIP_ARCHITECTURES})
+    list(APPEND _options "-DOPENSCI_HIP_ARCHITECTURES=$ENV{OPENSCI_HIP_ARCHITECTURES}")
+  endif()
+endif()
+if(DEFINED ENV{OPENSCI_CONFIGURE_OPTIONS})
+  list(APPEND _options $ENV{OPENSCI_CONFIGURE_OPTIONS})
+endif()
+if(CTEST_SUBMIT_URL)
+  list(APPEND _options "-DOPENSCI_CDASH_SUBMIT_URL=${CTEST_SUBMIT_URL}")
+endif()
+
+ctest_configure(OPTIONS "${_options}" RETURN_VALUE _configure_rv CAPTURE_CMAKE_ERROR _configure_err)
+opensci_submit(Start Configure)
+if(NOT _configure_rv EQUAL 0 OR NOT _configure_err EQUAL 0)
+  opensci_fail_step("configure failed (return ${_configure_rv}): see ${CTEST_BINARY_DIRECTORY}/Testing/Temporary/LastConfigure_*.log")
+endif()
