@@ -13,6 +13,7 @@ packages=(
   python3-venv python3-pip  # uv comes from the index: a venv of python3 + `pip install uv` (<cache>/tools)
   libtorch-dev       # the libtorch backend: torch numerics without transformers (backends/libtorch)
   libcurl4-openssl-dev libssl-dev  # `opensci-compat download`: the Hub client (harness/src/hub.cpp), sha256
+  libopenmpi-dev openmpi-bin   # MPI ranks of the sharded (sp/ep) reference forward (parallel/)
 )
 
 missing=()

@@ -8,7 +8,8 @@ build=${OPENSCI_BUILD_DIR:-build}
 jobs=${OPENSCI_JOBS:-$(nproc)}
 
 bash scripts/install-deps.sh
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOPENSCI_WARNINGS_AS_ERRORS=ON -DOPENSCI_WITH_LIBTORCH=ON
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOPENSCI_WARNINGS_AS_ERRORS=ON -DOPENSCI_WITH_LIBTORCH=ON \
+  -DOPENSCI_WITH_MPI=ON
 cmake --build "$build" -j "$jobs"
 
 # Guard: a suite that collects no tests, or no matrix cells, must not look green.

@@ -14,6 +14,7 @@
 #include "opensci/harness/diagnosis.hpp"
 #include "opensci/harness/hazards.hpp"
 #include "opensci/harness/measurements.hpp"
+#include "opensci/parallel/cell_parallel.hpp"
 
 namespace opensci::harness {
 namespace fs = std::filesystem;
@@ -190,8 +191,14 @@ int run_cell(const CellOptions& o) {
   const Checkpoint ck(o.model);
   batch.validate(ck.config().vocab_size, o.tokens_file.string());
   const auto tol = load_tolerance(o.tolerance_file, o.tolerance);
-  // The reference forward, on the cell's batch.
-  const auto ref = run_reference(o.backend, ck, batch, o.precision, true, o.reference_defect);
+  // The reference forward, on the cell's batch. sp/ep cells: the sharded reference on real ranks,
+  // checked against the unsharded one first (parallel/src/cell_parallel.cpp).
+  const auto sharded = parallel::run_parallel_reference(o, ck, batch, result);
+  if (sharded.status == parallel::ParallelReference::Status::NotRun) return finish("not-run", 77, sharded.summary);
+  if (sharded.status == parallel::ParallelReference::Status::Failed) return finish("fail", 1, sharded.summary);
+  const auto ref = sharded.status == parallel::ParallelReference::Status::Ok
+                       ? sharded.reference
+                       : run_reference(o.backend, ck, batch, o.precision, true, o.reference_defect);
   if (!o.reference_defect.empty()) result["reference_defect"] = o.reference_defect;
   auto ref_path = fs::path(o.result).replace_extension(".reference.safetensors");
   if (ref_path.has_parent_path()) fs::create_directories(ref_path.parent_path());

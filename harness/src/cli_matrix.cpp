@@ -172,6 +172,9 @@ void add_cell_command(CLI::App& app) {
                   "capture dir of the same run with the expected hazard's fix added (proves an xfail)");
   cmd->add_option("--result", o->result, "result JSON to write")->required();
   cmd->add_option("--labels", *labels, "comma-separated labels, recorded in the result");
+  cmd->add_option("--sp", o->sp, "sequence-parallel size of the reference (> 1: sharded ranks, parallel/)");
+  cmd->add_option("--ep", o->ep, "expert-parallel size of the reference (> 1: sharded ranks, parallel/)");
+  cmd->add_option("--parallel-timeout", o->parallel_timeout_s, "seconds the sharded job may run (default 120)");
   cmd->add_option("--inject-reference-defect", o->reference_defect,
                   "mutation tests only: make the reference commit a known defect (drop-bias:<tensor>, theta-x2, "
                   "skip-qk-norm, swap-rope-halves); the cell must then fail");

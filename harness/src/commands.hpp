@@ -21,5 +21,6 @@ void add_toyify_command(CLI::App& app);  // cli_user.cpp
 void add_download_command(CLI::App& app);  // cli_user.cpp
 void add_matrix_merge_command(CLI::App& app);  // cli_user.cpp: `matrix merge`
 void add_run_command(CLI::App& app);  // cli_user.cpp
+void add_parallel_commands(CLI::App& app);  // forward-sharded (parallel/src/cli_parallel.cpp)
 
 }  // namespace opensci::cli

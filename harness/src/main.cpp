@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   opensci::cli::add_download_command(app);
   opensci::cli::add_matrix_merge_command(app);  // after add_matrix_command
   opensci::cli::add_run_command(app);
+  opensci::cli::add_parallel_commands(app);  // parallel/src/cli_parallel.cpp
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {  // includes CLI::RuntimeError(code) thrown by a failed check

@@ -406,11 +406,19 @@ Matrix load_matrix(const fs::path& file) {
       dtype = cap.one_of("dtype", "float32", {"float32", "bfloat16", "float64"});
       device = cap.one_of("device", "cpu", {"cpu", "cuda"});
     }
-    int64_t sp = 1, ep = 1;
-    if (cj.has("parallel")) {
+    // "parallel": {"sp": N, "ep": N}, or a list of them: one cell per layout (parallel/README.md).
+    std::vector<std::pair<int64_t, int64_t>> layouts;
+    if (cj.has("parallel") && cj.j["parallel"].is_array()) {
+      if (cj.j["parallel"].empty()) cj.key("parallel").error("must be a layout {sp, ep} or a non-empty list of them");
+      for (size_t pi = 0; pi < cj.j["parallel"].size(); ++pi) {
+        const auto pj = cj.key("parallel").index(pi).object({"sp", "ep"});
+        layouts.emplace_back(pj.positive_int("sp", 1), pj.positive_int("ep", 1));
+      }
+    } else if (cj.has("parallel")) {
       const auto pj = cj.key("parallel").object({"sp", "ep"});
-      sp = pj.positive_int("sp", 1);
-      ep = pj.positive_int("ep", 1);
+      layouts.emplace_back(pj.positive_int("sp", 1), pj.positive_int("ep", 1));
+    } else {
+      layouts.emplace_back(1, 1);
     }
     if (!cj.has("reference") || !cj.j["reference"].is_array() || cj.j["reference"].empty())
       cj.error("needs 'reference': a non-empty list of {backend, precision, tolerance}");
@@ -444,7 +452,8 @@ Matrix load_matrix(const fs::path& file) {
         for (const auto& ps : cell_patches)
           if (!m.patch_sets.count(ps)) cj.key("patch_sets").error(fmt::format("patch set '{}' is not declared", ps));
         for (const auto& patch_name : cell_patches)
-        for (const auto& ref : refs) {
+        for (const auto& ref : refs)
+        for (const auto& [sp, ep] : layouts) {
           MatrixCell c;
           c.env = &env;
           c.model = &model;
@@ -476,6 +485,9 @@ Matrix load_matrix(const fs::path& file) {
           c.tier = tier;
           c.capture_name = fmt::format("{}/{}/{}/{}-{}", env_name, c.variant, tokens_name, c.dtype, c.device);
           c.name = fmt::format("cell/{}/vs-{}-{}", c.capture_name, c.reference.backend, c.reference.precision);
+          if (c.sp * c.ep > 1)  // sp2, ep4, sp2xep2 (ranks = sp * ep)
+            c.name += c.sp > 1 && c.ep > 1 ? fmt::format("/sp{}xep{}", c.sp, c.ep)
+                                           : (c.sp > 1 ? fmt::format("/sp{}", c.sp) : fmt::format("/ep{}", c.ep));
           if (!names.insert(c.name).second) cj.error(fmt::format("two cells are both named '{}'", c.name));
           if (c.expect.starts_with("xfail:")) {
             const auto& h = table.at(c.expect.substr(6), c.expect_source);
@@ -491,6 +503,7 @@ Matrix load_matrix(const fs::path& file) {
                       c.patch->unpatched() ? "unpatched" : "patched"};
           if (!c.patch->unpatched()) c.labels.push_back(patch_name);
           if (c.expect != "pass") c.labels.push_back("xfail");
+          if (c.sp * c.ep > 1) c.labels.push_back("parallel");
           for (const auto& l : env.version_labels()) c.labels.push_back(l);
           for (const auto& l : model.labels) c.labels.push_back(l);
           if (c.tier == "nightly") c.labels.push_back("nightly");
@@ -639,6 +652,10 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
     std::string props = fmt::format("FIXTURES_REQUIRED {} SKIP_RETURN_CODE 77 TIMEOUT 600 LABELS \"{}\"",
                                     bracket(fixtures), cmake_list(c.labels));
     if (c.reference.backend == "cuda" || c.reference.backend == "hip") props += " RESOURCE_GROUPS gpus:1";
+    if (c.sp * c.ep > 1) {  // the sharded reference runs sp * ep MPI ranks (parallel/)
+      cmd += fmt::format(" --sp {} --ep {}", c.sp, c.ep);
+      props += fmt::format(" PROCESSORS {}", c.sp * c.ep);
+    }
     add(c.name, cmd, props);
   }
   return out;

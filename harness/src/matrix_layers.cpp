@@ -12,6 +12,7 @@
 #include "opensci/config.hpp"
 #include "opensci/error.hpp"
 #include "opensci/harness/hub.hpp"
+#include "opensci/harness/matrix.hpp"
 
 namespace opensci::harness {
 namespace fs = std::filesystem;
@@ -240,6 +241,17 @@ json merge_matrix(const MatrixLayers& l) {
         }
         env["expect"].update(add);
       }
+      // The matrix's expectations by version range too: the template's, under the user model's name.
+      json add = json::array();
+      for (const auto& e : m.value("expectations", json::array())) {
+        const auto variant = e.value("variant", std::string());
+        if (variant != like && !variant.starts_with(like + "+")) continue;
+        json copy = e;
+        copy["variant"] = name + variant.substr(like.size());
+        copy["evidence"] = fmt::format("as '{}' (expect like): {}", like, e.value("evidence", std::string()));
+        add.push_back(copy);
+      }
+      for (auto& e : add) m["expectations"].push_back(e);
     }
     record["models"].push_back({{"name", name}, {"from", from}, {"like", like}, {"expect", expect}, {"real", real}, {"cells", cells}});
   }
@@ -278,6 +290,30 @@ json merge_matrix(const MatrixLayers& l) {
         if (key.starts_with("_") || (runs.count(env_name) && runs.at(env_name).count(key))) kept[key] = outcome;
       env["expect"] = kept;
     }
+  }
+  // Expectations by version range that no cell of the merged matrix can meet any more (their
+  // cells were left out above, or a like-copy names a patch set the user model does not run) go
+  // too; the base's own are validated against the base matrix, so nothing stale hides here.
+  if (m.contains("expectations")) {
+    const auto runs = variants_by_env(m);
+    json kept = json::array();
+    for (const auto& e : m["expectations"]) {
+      const auto variant = e.value("variant", std::string());
+      const auto range = parse_version_range(e.value("transformers", std::string()));
+      bool met = false;
+      for (const auto& [env_name, variants] : runs) {
+        if (!variants.count(variant) || !m["environments"].contains(env_name)) continue;
+        const auto version = m["environments"][env_name].value("transformers", std::string());
+        met |= parse_numeric_version(version) && range.contains(version);
+      }
+      if (met)
+        kept.push_back(e);
+      else
+        record["notes"].push_back(fmt::format("expectation for {} on transformers \"{}\" left out: no cell of the merged "
+                                              "matrix runs it",
+                                              variant, range.text));
+    }
+    m["expectations"] = kept;
   }
   m["_layers"] = record;
   return m;

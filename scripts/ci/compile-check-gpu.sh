@@ -8,10 +8,13 @@
 #
 #   cuda       nvcc (CUDAToolkit: $CUDACXX, /usr/local/cuda/bin/nvcc or PATH; Debian's
 #              nvidia-cuda-toolkit from non-free if apt has it), architectures
-#              $OPENSCI_CUDA_ARCHITECTURES (default 80;90), GEMM cuBLAS.
+#              $OPENSCI_CUDA_ARCHITECTURES (default 80;90), GEMM cuBLAS; with NCCL (nccl.h and
+#              libnccl beside the toolkit) also the NCCL communicator of the sharded forward
+#              (parallel/, OPENSCI_WITH_NCCL, bootstrapped over MPI) and its test.
 #   hip        hipcc (Debian: hipcc libamdhip64-dev, installed when missing), targets
 #              $OPENSCI_HIP_ARCHITECTURES (default gfx90a;gfx942; those this hipcc cannot target
-#              are dropped with a CMake warning), GEMM rocBLAS when found, else the tiled kernel.
+#              are dropped with a CMake warning), GEMM rocBLAS when found, else the tiled kernel;
+#              the RCCL communicator when apt has librccl-dev (Debian 12 does not: said so).
 #   emulation  the same kernel sources on the host-thread device, and their tests RUN: the only
 #              variant whose kernels execute on a machine without a GPU.
 # Without a device the cuda/hip test executables are run too and must all report "not run"
@@ -27,7 +30,7 @@ variants=("$@")
 
 gpu_targets=(opensci_gpu test_gpu_embedding test_gpu_rms_norm test_gpu_rope test_gpu_attention test_gpu_swiglu
              test_gpu_elementwise test_gpu_gemm test_gpu_moe test_gpu_forward opensci-bench-gpu-forward opensci-compat)
-declare -A summary=()
+declare -A summary=() extra_targets=()
 status=0
 
 # Package checks without `cmd | grep -q` (under pipefail grep's early exit kills the writer with
@@ -118,8 +121,11 @@ build_variant() {
     return 1
   fi
   grep -E "opensci kernels:|CMake Warning" -A1 "$dir.configure.log" | sed 's/^/  /' || true
-  echo "=== $name: build ${gpu_targets[*]}"
-  if ! cmake --build "$dir" -j "$jobs" --target "${gpu_targets[@]}"; then
+  local targets=("${gpu_targets[@]}")
+  # shellcheck disable=SC2206
+  [ -n "${extra_targets[$name]:-}" ] && targets+=(${extra_targets[$name]})
+  echo "=== $name: build ${targets[*]}"
+  if ! cmake --build "$dir" -j "$jobs" --target "${targets[@]}"; then
     summary[$name]="FAILED to compile or link (output above)"
     return 1
   fi
@@ -144,9 +150,22 @@ for variant in "${variants[@]}"; do
       version=$("$nvcc" --version | sed -n 's/.*release [0-9.]*, V\([0-9.]*\).*/\1/p')
       dir=${OPENSCI_BUILD_DIR_CUDA:-build-cuda}
       archs=${OPENSCI_CUDA_ARCHITECTURES:-80;90}
+      # NCCL for the sharded forward's GPU ranks (needs MPI for its bootstrap: install-deps.sh).
+      cuda_root=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
+      nccl_flags=() nccl_note="no NCCL (nccl.h not beside $cuda_root): NCCL communicator not built"
+      nccl_h=""
+      for h in "$cuda_root/include/nccl.h" /usr/local/include/nccl.h /usr/include/nccl.h; do
+        if [ -z "$nccl_h" ] && [ -f "$h" ]; then nccl_h=$h; fi
+      done
+      if [ -n "$nccl_h" ]; then
+        nccl_v=$(awk '/^#define NCCL_(MAJOR|MINOR|PATCH) /{v = v (v ? "." : "") $3} END {print v}' "$nccl_h")
+        nccl_flags=(-DOPENSCI_WITH_NCCL=ON -DOPENSCI_WITH_MPI=ON)
+        extra_targets[cuda]="opensci_parallel test_nccl_communicator"
+        nccl_note="NCCL $nccl_v communicator + its test"
+      fi
       if build_variant cuda "$dir" -DOPENSCI_WITH_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" \
-          "-DOPENSCI_CUDA_ARCHITECTURES=$archs" && check_tests "$dir" cuda; then
-        summary[cuda]="OK: nvcc $version ($nvcc), sm $archs, GEMM cuBLAS; compiled and linked ${#gpu_targets[@]} targets"
+          "-DOPENSCI_CUDA_ARCHITECTURES=$archs" "${nccl_flags[@]}" && check_tests "$dir" cuda; then
+        summary[cuda]="OK: nvcc $version ($nvcc), sm $archs, GEMM cuBLAS, $nccl_note; compiled and linked ${#gpu_targets[@]} targets"
       else
         summary[cuda]=${summary[cuda]:-"FAILED: tests"}
         status=1
@@ -161,6 +180,12 @@ for variant in "${variants[@]}"; do
         continue
       fi
       apt_install_optional librocblas-dev
+      rccl_flags=() rccl_note="RCCL: not packaged here (apt has no librccl-dev; Debian 12 ships none), RCCL communicator not built"
+      if has_candidate librccl-dev && apt_install librccl-dev; then
+        rccl_flags=(-DOPENSCI_WITH_RCCL=ON -DOPENSCI_WITH_MPI=ON)
+        extra_targets[hip]="opensci_parallel test_nccl_communicator"
+        rccl_note="RCCL communicator + its test"
+      fi
       if ! command -v hipcc >/dev/null; then
         echo "compile-check-gpu: hipcc is installed as a package but not on PATH ($PATH)" >&2
         summary[hip]="NOT CHECKED: hipcc not on PATH"
@@ -172,9 +197,10 @@ for variant in "${variants[@]}"; do
       clang=$(awk '/clang version/ && !n++' <<<"$clang")
       dir=${OPENSCI_BUILD_DIR_HIP:-build-hip}
       archs=${OPENSCI_HIP_ARCHITECTURES:-gfx90a;gfx942}
-      if build_variant hip "$dir" -DOPENSCI_WITH_HIP=ON "-DOPENSCI_HIP_ARCHITECTURES=$archs" && check_tests "$dir" rocm; then
+      if build_variant hip "$dir" -DOPENSCI_WITH_HIP=ON "-DOPENSCI_HIP_ARCHITECTURES=$archs" "${rccl_flags[@]}" &&
+          check_tests "$dir" rocm; then
         built=$(grep -m1 "opensci kernels: HIP" "$dir.configure.log" | sed 's/.*targets \([^,]*\), GEMM \(.*\)/targets \1, GEMM \2/')
-        summary[hip]="OK: HIP $version ($clang), requested $archs, $built; compiled and linked ${#gpu_targets[@]} targets"
+        summary[hip]="OK: HIP $version ($clang), requested $archs, $built; $rccl_note; compiled and linked ${#gpu_targets[@]} targets"
       else
         summary[hip]=${summary[hip]:-"FAILED: tests"}
         status=1

@@ -242,7 +242,7 @@ TEST_CASE("expectations: the list is validated, applied by range, overridden per
   std::filesystem::create_directories(dir / "matrix");
   const auto file = dir / "matrix/m.json";
   // Three versions of one model; H1 below 4.54, H2 from 5.0; tf-5.2 overrides its own cell.
-  const std::string base = R"({"tokens": {"t": "t.json"}, "models": {"m": {"config": "c.json"}},
+  std::string base = R"({"tokens": {"t": "t.json"}, "hazards": "HAZARDS", "models": {"m": {"config": "c.json"}},
     "environments": {
       "tf-4.48": {"transformers": "4.48.3", "spec": {"provider": "system", "python": "/usr/bin/python3"}},
       "tf-5.0": {"transformers": "5.0.0", "spec": {"provider": "system", "python": "/usr/bin/python3"}},
@@ -252,6 +252,9 @@ TEST_CASE("expectations: the list is validated, applied by range, overridden per
     "expectations": EXPECTATIONS,
     "cells": [{"environments": ["tf-4.48", "tf-5.0", "tf-5.2", "latest"], "models": ["m"], "tokens": "t",
                "reference": [{"tolerance": "x"}], "expect": "pass" TIER}]})";
+  opensci::test::write_text(dir / "matrix/tolerances.json", R"({"x": {"reason": "r"}})");
+  opensci::test::write_text(dir / "t.json", R"({"input_ids": [[1, 2]]})");
+  base.replace(base.find("HAZARDS"), 7, (opensci::test::source_dir() / "matrix/hazards.json").string());
   auto with = [&](const std::string& expectations, const std::string& tier = "") {
     auto s = base;
     s.replace(s.find("EXPECTATIONS"), 12, expectations);
@@ -315,7 +318,7 @@ TEST_CASE("expectations: the list is validated, applied by range, overridden per
   CHECK(emit_ctest(nightly, o).find("add_test(") == std::string::npos);  // no cell, no env, no toy
   o.nightly = true;
   CHECK(emit_ctest(nightly, o).find("add_test([==[cell/tf-5.0/m/t/float32-cpu/vs-cpu-fp64]==]") != std::string::npos);
-  REQUIRE_ERROR_MENTIONS(load_matrix(with("[]", R"(, "tier": "weekly")")), "tier 'weekly'");
+  REQUIRE_ERROR_MENTIONS(load_matrix(with("[]", R"(, "tier": "weekly")")), "tier: 'weekly' is not one of");
 
   // env/<name> verifies the declared version and writes its status for the report.
   const auto text = emit_ctest(load_matrix(with("[]")), EmitOptions{"/bin/opensci-compat", "/tmp/work", {}});

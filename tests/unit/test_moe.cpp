@@ -194,7 +194,7 @@ TEST_CASE("a sparse layer with identical experts and renormalisation equals the 
   CHECK(max_abs_diff(run_forward(s / "moe_raw", Precision::Golden).logits, b.logits) > 1e-5);
 }
 
-TEST_CASE("zero router: ties route to experts 0 and 1; weights 1/E unnormalised, 1/k renormalised", "[moe][forward]") {
+TEST_CASE("zero router: ties route to experts 0 and 1, weights 1/E unnormalised, 1/k renormalised", "[moe][forward]") {
   // A zero router gives every expert probability 1/4; top-2 takes experts 0 and 1 (ties to the
   // lower index). Their weighted sum w*(e0(h) + e1(h)) is one dense SwiGLU with I = 6:
   // gate = [g0; g1], up = [u0; u1], down = [w*d0, w*d1] (columns). w = 1/4 (no renorm) or 1/2.
@@ -229,7 +229,7 @@ TEST_CASE("zero router: ties route to experts 0 and 1; weights 1/E unnormalised,
   }
 }
 
-TEST_CASE("golden and fast MoE forward agree; per-expert and fused layouts give identical logits", "[moe][forward]") {
+TEST_CASE("golden and fast MoE forward agree, and per-expert and fused layouts give identical logits", "[moe][forward]") {
   for (const char* name : {"qwen3-moe.json", "opensci-moe.json"}) {
     DYNAMIC_SECTION(name) {
       ScratchDir s("moe-forward");

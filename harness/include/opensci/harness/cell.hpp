@@ -40,6 +40,12 @@ struct CellOptions {
   std::filesystem::path result;          // result JSON
   std::string reference_defect;          // mutation tests only: a defect the reference commits (forward.hpp)
   std::vector<std::string> labels;
+  // Sequence / expert parallel sizes: sp * ep > 1 runs the sharded reference on real ranks
+  // (parallel/include/opensci/parallel/cell_parallel.hpp); the binary the ranks run (empty = this
+  // executable) and the job's timeout.
+  int sp = 1, ep = 1;
+  std::filesystem::path rank_program;
+  int parallel_timeout_s = 120;
 };
 
 // Exit code for CTest: 0 pass or expected failure, 1 failure or unexpected pass, 77 not run
