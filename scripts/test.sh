@@ -7,10 +7,22 @@ cd "$(dirname "$0")/.."
 build=${OPENSCI_BUILD_DIR:-build}
 jobs=${OPENSCI_JOBS:-$(nproc)}
 
+# Wall time of each phase, printed at the end (where a slow run spends its time).
+phases=()
+phase_start=$SECONDS
+phase() { phases+=("$1 $((SECONDS - phase_start))s"); phase_start=$SECONDS; }
+# The capture workers (one warm python per environment) outlive ctest; stop them when we leave.
+stop_workers() {
+  [ -x "$build/harness/opensci-compat" ] && "$build/harness/opensci-compat" env workers --stop >/dev/null 2>&1 || true
+}
+trap stop_workers EXIT
+
 bash scripts/install-deps.sh
+phase deps
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOPENSCI_WARNINGS_AS_ERRORS=ON -DOPENSCI_WITH_LIBTORCH=ON \
   -DOPENSCI_WITH_MPI=ON
 cmake --build "$build" -j "$jobs"
+phase build
 
 # Guard: a suite that collects no tests, or no matrix cells, must not look green.
 total=$(ctest --test-dir "$build" -N | sed -n 's/^Total Tests: //p')
@@ -32,11 +44,13 @@ else
   problems+=("GPU compile checks failed (see '=== GPU compile checks' above)")
   gpu_note="GPU compile checks FAILED"
 fi
+phase gpu-compile-checks
 
 set +e
 ctest --test-dir "$build" --output-on-failure -j "$jobs" --timeout 3600 --output-junit junit.xml 2>&1 | tee "$build/ctest.log"
 ctest_status=${PIPESTATUS[0]}
 set -e
+phase ctest
 ctest_line=$(grep -E "tests passed|tests failed out of" "$build/ctest.log" | tail -1 || true)
 if ((ctest_status != 0)); then
   status=1
@@ -56,8 +70,12 @@ fi
 "$build/harness/opensci-compat" report --results "$build/matrix/results" \
   --markdown "$build/matrix/report.md" --html "$build/matrix/report.html" || true
 
+phase report
+stop_workers
+
 # The overall verdict is the last line printed, whatever failed.
 echo
+echo "test.sh: wall time by phase: ${phases[*]} (total ${SECONDS}s)"
 if ((status == 0)); then
   echo "test.sh: PASSED — ctest: ${ctest_line:-?}; ${tally_line#matrix tally: }; $gpu_note"
 else
