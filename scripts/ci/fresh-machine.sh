@@ -61,7 +61,8 @@ debootstrap=$(command -v debootstrap || echo /usr/sbin/debootstrap)
 # The mirror the host uses (its sources may be deb822 or one-line).
 mirror=${OPENSCI_DEBIAN_MIRROR:-}
 if [ -z "$mirror" ]; then
-  mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
+  # (cat fails on a pattern that matches nothing; under pipefail that would end the script silently)
+  mirror=$({ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } |
     awk '/^URIs:/ && $2 ~ /debian\/?$/ && !m { m = $2 } /^deb / && $2 ~ /debian\/?$/ && !m { m = $2 } END { print m }')
 fi
 mirror=${mirror:-http://deb.debian.org/debian}
