@@ -1,4 +1,5 @@
 #include "opensci/harness/capture.hpp"
+#include "opensci/gpu/resource_groups.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -7,6 +8,7 @@
 #include <csignal>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <thread>
 
 #include "opensci/error.hpp"
@@ -159,6 +161,21 @@ CaptureResult replay_golden(const CaptureOptions& o) {
 
 }  // namespace
 
+std::map<std::string, std::string> capture_gpu_env(const std::string& device, const EnvLookup& env, std::string* why) {
+  if (!device.starts_with("cuda")) return {};
+  // The host does not know how many GPUs the capture's runtime sees: the allocation is checked
+  // for form here, and the capture fails on a device its runtime does not have.
+  const auto s = gpu::select_gpu(env, std::numeric_limits<int>::max());
+  if (why) *why = s.source;
+  if (!s.from_ctest && !env("OPENSCI_GPU_DEVICE")) return {};
+  if (device.size() > 4 && device != "cuda:0")
+    fail("capture on '{}' with a GPU allocation ({}): the capture sees only the allocated GPU, as cuda:0; ask for "
+         "'cuda'",
+         device, s.source);
+  const auto id = std::to_string(s.device);
+  return {{"CUDA_VISIBLE_DEVICES", id}, {"HIP_VISIBLE_DEVICES", id}};
+}
+
 CaptureResult run_capture(const CaptureOptions& o) {
   CaptureResult r;
   fs::create_directories(o.out);
@@ -184,6 +201,13 @@ CaptureResult run_capture(const CaptureOptions& o) {
   const int threads = o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   auto extra = private_run_env(run_dir);
   extra["OMP_NUM_THREADS"] = std::to_string(threads);
+  std::string gpu_why;
+  for (const auto& [k, v] : capture_gpu_env(o.device, [](const std::string& name) -> std::optional<std::string> {
+         const char* v = std::getenv(name.c_str());
+         return v ? std::optional<std::string>(v) : std::nullopt;
+       }, &gpu_why))
+    extra[k] = v;
+  if (!gpu_why.empty()) fmt::print("capture: {} ({})\n", extra.count("CUDA_VISIBLE_DEVICES") ? "GPU " + extra["CUDA_VISIBLE_DEVICES"] : "every GPU visible", gpu_why);
   std::vector<std::string> args = {"--model", fs::absolute(o.model).string(), "--tokens-file",
                                    fs::absolute(o.tokens_file).string(), "--dtype", o.dtype, "--device", o.device,
                                    "--attn-impl", o.attn_impl, "--out-dir", fs::absolute(o.out).string(),

@@ -4,6 +4,7 @@
 
 #include "opensci/error.hpp"
 #include "opensci/gpu/resource_groups.hpp"
+#include "opensci/harness/capture.hpp"
 #include "test_helpers.hpp"
 
 using namespace opensci::gpu;
@@ -94,4 +95,26 @@ TEST_CASE("an allocation naming a missing or non-numeric GPU is an error, never 
   REQUIRE_ERROR_MENTIONS(select_gpu(fake({{"CTEST_RESOURCE_GROUP_COUNT", "1"}, {"CTEST_RESOURCE_GROUP_0", "gpus"}}), 2),
                          "CTEST_RESOURCE_GROUP_0_GPUS is not set");
   REQUIRE_ERROR_MENTIONS(select_gpu(fake({{"CTEST_RESOURCE_GROUP_COUNT", "x"}}), 2), "CTEST_RESOURCE_GROUP_COUNT='x'");
+}
+
+TEST_CASE("a CUDA capture runs on the GPU CTest allocated to its test (CUDA_VISIBLE_DEVICES)") {
+  using opensci::harness::capture_gpu_env;
+  const auto allocated = fake({{"CTEST_RESOURCE_GROUP_COUNT", "1"},
+                               {"CTEST_RESOURCE_GROUP_0", "gpus"},
+                               {"CTEST_RESOURCE_GROUP_0_GPUS", "id:5,slots:1"}});
+  std::string why;
+  const auto env = capture_gpu_env("cuda", allocated, &why);
+  CHECK(env.at("CUDA_VISIBLE_DEVICES") == "5");
+  CHECK(env.at("HIP_VISIBLE_DEVICES") == "5");
+  CHECK(why == "CTEST_RESOURCE_GROUP_0_GPUS=id:5,slots:1");
+  // CPU captures are untouched, and without an allocation the capture sees every GPU.
+  CHECK(capture_gpu_env("cpu", allocated).empty());
+  CHECK(capture_gpu_env("cuda", fake({})).empty());
+  CHECK(capture_gpu_env("cuda", fake({{"OPENSCI_GPU_DEVICE", "2"}})).at("CUDA_VISIBLE_DEVICES") == "2");
+  // A malformed allocation, or an explicit other device beside an allocation, is an error.
+  REQUIRE_ERROR_MENTIONS(capture_gpu_env("cuda", fake({{"CTEST_RESOURCE_GROUP_COUNT", "1"},
+                                                         {"CTEST_RESOURCE_GROUP_0", "gpus"},
+                                                         {"CTEST_RESOURCE_GROUP_0_GPUS", "id:x,slots:1"}})),
+                         "CTEST_RESOURCE_GROUP_0_GPUS", "not a device index");
+  REQUIRE_ERROR_MENTIONS(capture_gpu_env("cuda:1", allocated), "cuda:1", "ask for 'cuda'");
 }

@@ -18,6 +18,9 @@
 // (<dir>/<model>/<patch set>/: output.safetensors, provenance.json, outcome.json[, state_dict])
 // made where that version could be installed; it is checked like a live one.
 #pragma once
+#include <optional>
+#include <map>
+#include <functional>
 
 #include <chrono>
 #include <filesystem>
@@ -54,6 +57,15 @@ struct CaptureResult {
 std::string_view capture_status_name(CaptureStatus status);
 
 CaptureResult run_capture(const CaptureOptions& options);
+
+// The environment variables a capture on `device` ("cuda", "cuda:N", "cpu") gets so that it runs
+// on the GPU CTest allocated to its test (RESOURCE_GROUPS gpus:1 -> CTEST_RESOURCE_GROUP_<n>_GPUS)
+// or OPENSCI_GPU_DEVICE names: CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES = that id, so the
+// capture's "cuda" is that device. Empty for CPU captures and without an allocation (the capture
+// then sees every GPU and uses device 0, as torch does). `why` receives the selection's source.
+// Throws opensci::Error on a malformed allocation (never a silent device 0).
+using EnvLookup = std::function<std::optional<std::string>(const std::string& name)>;
+std::map<std::string, std::string> capture_gpu_env(const std::string& device, const EnvLookup& env, std::string* why = nullptr);
 
 // Checks a capture's output file against the batch it was asked to run. Returns "" when it
 // is usable, else what is wrong (used for the bad-output status, and by tests).
