@@ -98,6 +98,9 @@ fi
 cat >"$work/run-inside.sh" <<'INSIDE'
 set -euo pipefail
 root=$1 cuda=$2 only=$3 results=$4
+# The root a container gets is a mount point; a plain directory is not, and then `unshare
+# --mount` inside it fails ("cannot change root filesystem propagation"). Bind it onto itself.
+mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
