@@ -534,7 +534,10 @@ WorkerRun run_in_worker(const Environment& env, const WorkerJob& job, const Work
 
   const bool has_timeout = job.timeout.count() > 0;
   const auto kill_at = t_send + job.timeout;
-  std::optional<Clock::time_point> sigkill_at, give_up_at;
+  // Time points with a flag, not std::optional: GCC's -Wmaybe-uninitialized misfires on an
+  // optional time_point at -O1 (the tooling's level, CMakeLists.txt).
+  Clock::time_point sigkill_at{}, give_up_at{};
+  bool sigkill_pending = false, giving_up = false;
   json exited;
   for (;;) {
     auto wait = std::chrono::milliseconds(1000);
@@ -547,25 +550,27 @@ WorkerRun run_in_worker(const Environment& env, const WorkerJob& job, const Work
         } catch (const Error&) {  // the worker is gone: the Closed branch below handles it
         }
         sigkill_at = now + job.kill_grace;
+        sigkill_pending = true;
         continue;
       }
       wait = std::min(
           wait, std::chrono::duration_cast<std::chrono::milliseconds>(kill_at - now) + std::chrono::milliseconds(1));
     }
-    if (sigkill_at) {
-      if (now >= *sigkill_at) {
+    if (sigkill_pending) {
+      if (now >= sigkill_at) {
         try {
           send_message(conn.sock.get(), {{"op", "kill"}, {"signal", SIGKILL}}, {});
         } catch (const Error&) {
         }
-        sigkill_at.reset();
+        sigkill_pending = false;
         give_up_at = now + std::chrono::seconds(5);
+        giving_up = true;
         continue;
       }
-      wait = std::min(wait, std::chrono::duration_cast<std::chrono::milliseconds>(*sigkill_at - now) +
+      wait = std::min(wait, std::chrono::duration_cast<std::chrono::milliseconds>(sigkill_at - now) +
                                 std::chrono::milliseconds(1));
     }
-    if (give_up_at && now >= *give_up_at) {
+    if (giving_up && now >= give_up_at) {
       run.worker_lost = true;
       run.detail = fmt::format("the capture worker (pid {}) did not report the end of the killed capture",
                                conn.hello.value("pid", 0));
