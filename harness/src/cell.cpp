@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -292,10 +293,23 @@ int run_cell(const CellOptions& o) {
     if (f.basis == "evidence" && f.hazard.empty())
       return finish("fail", 1, fmt::format("expected {}, also something no hazard explains ({}: {}): {}", h.id, f.title,
                                            f.evidence, numbers));
+  std::string consistency_note;
   for (const auto& check : h.consistent_with) {
     std::string why;
-    if (!consistent_with(check, j.cmp, tol, why))
-      return finish("fail", 1, fmt::format("expected {}, but the failure is not consistent with it ({}): {}", h.id, why, numbers));
+    if (consistent_with(check, j.cmp, tol, why)) continue;
+    // Garbage inv_freq large enough to overflow fp32 makes NaN/Inf keys, and those reach position
+    // 0 through its masked scores (NaN + mask is NaN): position 0 cannot be compared then. Only
+    // with that evidence, a non-finite position 0, and a counterfactual capture that must pass.
+    const bool pos0_nonfinite = !j.cmp.per_position_max_abs.empty() && !std::isfinite(j.cmp.per_position_max_abs[0]);
+    const bool overflow_evidence = std::any_of(j.diagnosis.findings.begin(), j.diagnosis.findings.end(), [&](const auto& f) {
+      return f.basis == "evidence" && f.hazard == h.id && f.detector == "inv_freq_garbage" && f.overflows_fp32;
+    });
+    if (check == "position0_matches" && pos0_nonfinite && overflow_evidence && h.counterfactual()) {
+      consistency_note = "; position 0 is not comparable (non-finite: the garbage inv_freq overflows fp32), so the "
+                         "counterfactual decides";
+      continue;
+    }
+    return finish("fail", 1, fmt::format("expected {}, but the failure is not consistent with it ({}): {}", h.id, why, numbers));
   }
   // The capture's own evidence must name the hazard (a numeric pattern only suspects it: an
   // attention-scale or k-norm fault also spares position 0).
@@ -366,7 +380,7 @@ int run_cell(const CellOptions& o) {
     result["counterfactual"] = cf;
     proof += fmt::format("; proven: with {} the same capture passes (max|Δlogit| {:.2e})", fix, cj.cmp.max_abs);
   }
-  return finish("xfail", 0, fmt::format("fails as expected with {} ({}): {}; {}", h.id, h.title, numbers, proof));
+  return finish("xfail", 0, fmt::format("fails as expected with {} ({}): {}; {}", h.id, h.title, numbers, proof + consistency_note));
 }
 
 }  // namespace opensci::harness

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <limits>
 #include <regex>
 
 #include "opensci/error.hpp"
@@ -127,7 +128,12 @@ std::vector<Finding> diagnose_loaded_weights(const HazardTable& table, const Che
     const auto got = sd.read_f64(t.name);
     if (got.size() != expected.size()) continue;
     double max_rel = 0;
-    for (size_t i = 0; i < got.size(); ++i) max_rel = std::max(max_rel, std::abs(got[i] - expected[i]) / expected[i]);
+    size_t overflowing = 0;  // non-finite, or |f| * position > FLT_MAX for a position <= 4096
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double rel = std::abs(got[i] - expected[i]) / expected[i];
+      max_rel = std::isfinite(rel) ? std::max(max_rel, rel) : std::numeric_limits<double>::infinity();
+      if (!std::isfinite(got[i]) || std::abs(got[i]) * 4096.0 > std::numeric_limits<float>::max()) ++overflowing;
+    }
     if (!(max_rel < 1e-5)) {  // fp32 rounding of 1/theta^(2i/d) is ~6e-8 relative
       // Garbage (zeros, uninitialised memory) vs a smooth, wrong theta: a wrong theta keeps
       // inv_freq[0] = 1 and decays geometrically.
@@ -137,8 +143,17 @@ std::vector<Finding> diagnose_loaded_weights(const HazardTable& table, const Che
           fmt::format("{} holds {} (max relative error {:.3g}); expected 1/{}^(2i/{}) = [{:.6g}, {:.6g}, ...]", t.name,
                       got.size() > 2 ? fmt::format("[{:.6g}, {:.6g}, {:.6g}, ...]", got[0], got[1], got[2]) : "?",
                       max_rel, c.rope_theta, c.head_dim, expected[0], expected.size() > 1 ? expected[1] : 0.0);
-      out.push_back(geometric ? evidence(table, "inv_freq_wrong_theta", "RoPE theta differs from the config", what)
-                              : evidence(table, "inv_freq_garbage", "RoPE inv_freq is not initialised", what));
+      if (geometric) {
+        out.push_back(evidence(table, "inv_freq_wrong_theta", "RoPE theta differs from the config", what));
+      } else {
+        auto f = evidence(table, "inv_freq_garbage", "RoPE inv_freq is not initialised",
+                          overflowing == 0 ? what
+                                           : fmt::format("{}; {} of {} entries non-finite or >= 8.3e34, so position x "
+                                                         "inv_freq overflows fp32",
+                                                         what, overflowing, got.size()));
+        f.overflows_fp32 = overflowing > 0;
+        out.push_back(f);
+      }
       break;
     }
   }

@@ -32,6 +32,9 @@ struct Finding {
   std::string evidence;  // what was measured
   std::string basis = "note";  // "evidence" | "pattern" | "note"
   std::string detector;        // evidence detector name, "" for patterns and notes
+  // inv_freq_garbage only: some entries are non-finite or so large that position x inv_freq
+  // overflows fp32 (NaN/Inf keys, which reach even position 0 through the masked scores).
+  bool overflows_fp32 = false;
 };
 
 struct Diagnosis {
