@@ -81,6 +81,15 @@ fi
 boot_s=$((SECONDS - t0))
 cp /etc/apt/apt.conf.d/* "$root/etc/apt/apt.conf.d/" 2>/dev/null || true
 cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+# The network's trust, as a runner image provisioned for it has: CAs the host added locally (a
+# TLS-intercepting proxy's) go into the root's trust store. Nothing else of the host's TLS setup.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  chroot "$root" update-ca-certificates >"$work/update-ca-certificates.log" 2>&1 ||
+    { cat "$work/update-ca-certificates.log" >&2; echo "fresh-machine: update-ca-certificates failed" >&2; exit 1; }
+  log "carried the host's local CAs into the root: $(cd /usr/local/share/ca-certificates && echo *.crt)"
+fi
 
 log "clean clone of $repo at $rev"
 git clone -q --no-local "$repo" "$root/work/opensci-compat"

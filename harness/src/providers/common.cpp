@@ -162,6 +162,13 @@ std::map<std::string, std::string> index_tool_env() {
                           "UV_DEFAULT_INDEX", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_NATIVE_TLS", "UV_INSECURE_HOST",
                           "UV_HTTP_TIMEOUT"})
     if (const char* v = std::getenv(key); v && *v) env[key] = v;
+  // Without explicit settings, the machine's own trust store: pip in a fresh venv (how uv itself is
+  // installed) would otherwise use its vendored certifi and refuse a CA the machine trusts (a
+  // TLS-intercepting proxy's, added with update-ca-certificates); uv honours SSL_CERT_FILE too.
+  if (const auto ca = host_ca_bundle(); !ca.empty()) {
+    env.emplace("SSL_CERT_FILE", ca);
+    env.emplace("PIP_CERT", ca);
+  }
   return env;
 }
 
