@@ -200,6 +200,8 @@ for variant in "${variants[@]}"; do
         status=1
         continue
       fi
+      # hipconfig, like hipcc, picks the nvidia platform when a CUDA toolkit is present.
+      export HIP_PLATFORM=${HIP_PLATFORM:-amd}
       version=$(hipconfig --version 2>/dev/null | tail -1)
       clang=$(hipconfig --full 2>/dev/null || true)
       clang=$(awk '/clang version/ && !n++' <<<"$clang")
