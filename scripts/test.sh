@@ -59,7 +59,10 @@ fi
 # Ran, not just collected: how many cells ran live, replayed a golden, or were Not Run and why.
 # Fails when nothing ran live or a cell of an environment the matrix requires did not run.
 tally_status=0
-tally=$("$build/harness/opensci-compat" matrix tally --matrix matrix/matrix.json --work "$build/matrix") || tally_status=$?
+nightly_flag=()  # a build configured with -DOPENSCI_NIGHTLY=ON ran the nightly cells too
+grep -qx "OPENSCI_NIGHTLY:BOOL=ON" "$build/CMakeCache.txt" && nightly_flag=(--nightly)
+tally=$("$build/harness/opensci-compat" matrix tally --matrix matrix/matrix.json --work "$build/matrix" "${nightly_flag[@]}") ||
+  tally_status=$?
 echo "$tally"
 tally_line=$(head -n 1 <<<"$tally")
 if ((tally_status != 0)); then

@@ -172,6 +172,21 @@ TEST_CASE("the tally fails a run that ran nothing live or skipped a required env
   t = tally_cells(m, o, {"patched"}, 2);  // one cell deselected; 2 live demanded
   CHECK(t.selected == 1);
   CHECK_FALSE(t.ok);
+
+  // Cells of tier nightly are not emitted by a CI build: no result is expected of them there, and
+  // a nightly build (which emitted them) must have their results.
+  const auto n = load_matrix(sm.with("\"expect\": \"EXPECT\"", "\"expect\": \"EXPECT\", \"tier\": \"nightly\""));
+  t = tally_cells(n, o, {}, 0);
+  CHECK(t.ok);
+  CHECK(t.selected == 0);
+  CHECK(t.not_emitted == 2);
+  CHECK(t.text.find("2 cells of tier nightly not in this run") != std::string::npos);
+  EmitOptions nightly = o;
+  nightly.nightly = true;
+  std::filesystem::remove_all(sm.dir / "work");
+  t = tally_cells(n, nightly, {}, 0);
+  CHECK_FALSE(t.ok);
+  CHECK(t.missing == 2);
 }
 
 TEST_CASE("static patches rewrite a copy and never silently do nothing") {

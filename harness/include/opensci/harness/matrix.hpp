@@ -157,6 +157,7 @@ std::string explain_cell(const Matrix& matrix, const EmitOptions& options, const
 struct Tally {
   bool ok = true;
   int selected = 0, live = 0, replayed = 0, not_run = 0, missing = 0;
+  int not_emitted = 0;  // cells of tier nightly in a run that did not emit them (EmitOptions::nightly)
   std::map<std::string, int> verdicts;  // "live pass", "replayed xfail", ...
   std::string text;                     // the printed summary, problems last
 };
