@@ -161,6 +161,15 @@ CaptureResult replay_golden(const CaptureOptions& o) {
 
 }  // namespace
 
+nlohmann::json environment_record(const Environment& env) {
+  return {{"id", env.id},
+          {"provider", env.provider},
+          {"python", env.python_version},
+          {"torch", env.torch_version},
+          {"transformers", env.transformers_version},
+          {"torch_source", env.torch_source}};
+}
+
 std::map<std::string, std::string> capture_gpu_env(const std::string& device, const EnvLookup& env, std::string* why) {
   if (!device.starts_with("cuda")) return {};
   // The host does not know how many GPUs the capture's runtime sees: the allocation is checked
@@ -294,13 +303,7 @@ CaptureResult run_capture(const CaptureOptions& o) {
                {"stderr_tail", proc.stderr_tail},
                {"runner", runner},
                {"error", error},
-               {"environment",
-                {{"id", env.id},
-                 {"provider", env.provider},
-                 {"python", env.python_version},
-                 {"torch", env.torch_version},
-                 {"transformers", env.transformers_version},
-                 {"torch_source", env.torch_source}}}};
+               {"environment", environment_record(env)}};
   std::ofstream(o.out / "outcome.json.tmp") << r.outcome.dump(2) << "\n";
   fs::rename(o.out / "outcome.json.tmp", o.out / "outcome.json");
   return r;

@@ -61,6 +61,18 @@ struct ChildFailure {
   _exit(127);
 }
 
+// In a forked child before exec (async-signal-safe calls only): no blocked signals and every
+// handler back to its default, so the program starts as from a shell.
+void reset_signals_in_child() {
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, nullptr);
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  for (int sig = 1; sig < NSIG; ++sig)
+    if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
+}
+
 int open_retry(const char* path, int flags, mode_t mode = 0) {
   int fd;
   do fd = ::open(path, flags, mode);
@@ -291,13 +303,7 @@ int spawn_detached(const ProcessSpec& spec) {
     // ---- intermediate: async-signal-safe calls only ----
     int err_fd = ::fcntl(err_pipe[1], F_DUPFD_CLOEXEC, 3);
     if (err_fd < 0) err_fd = err_pipe[1];
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, nullptr);
-    struct sigaction dfl {};
-    dfl.sa_handler = SIG_DFL;
-    for (int sig = 1; sig < NSIG; ++sig)
-      if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
+    reset_signals_in_child();
     if (::setsid() < 0) child_fail(err_fd, ChildStage::Setsid);
     const pid_t server = ::fork();
     if (server < 0) child_fail(err_fd, ChildStage::Setsid);
@@ -462,13 +468,7 @@ ProcessResult run_process(const ProcessSpec& spec) {
     // ---- child: async-signal-safe calls only ----
     int err_fd = ::fcntl(pipe_fds[1], F_DUPFD_CLOEXEC, 3);
     if (err_fd < 0) err_fd = pipe_fds[1];
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, nullptr);
-    struct sigaction dfl {};
-    dfl.sa_handler = SIG_DFL;
-    for (int sig = 1; sig < NSIG; ++sig)
-      if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, nullptr);
+    reset_signals_in_child();
     if (::setsid() < 0) child_fail(err_fd, ChildStage::Setsid);
     // Die with the parent (even when it is SIGKILLed); the check closes the race where the
     // parent died before prctl.

@@ -138,12 +138,7 @@ harness::CaptureResult run_distributed_capture(const DistributedCaptureOptions& 
                {"wall_seconds", proc.wall_seconds},
                {"stderr_tail", proc.stderr_tail},
                {"error", error},
-               {"environment",
-                {{"id", env.id},
-                 {"provider", env.provider},
-                 {"python", env.python_version},
-                 {"torch", env.torch_version},
-                 {"transformers", env.transformers_version}}}};
+               {"environment", harness::environment_record(env)}};
   std::ofstream(o.out / "outcome.json.tmp") << r.outcome.dump(2) << "\n";
   fs::rename(o.out / "outcome.json.tmp", o.out / "outcome.json");
   return r;

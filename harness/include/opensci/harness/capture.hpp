@@ -58,6 +58,10 @@ std::string_view capture_status_name(CaptureStatus status);
 
 CaptureResult run_capture(const CaptureOptions& options);
 
+// The "environment" record of a capture's outcome.json: id, provider, python, torch (and where
+// that torch came from), transformers. Shared by every capture path (capture.cpp, parallel/).
+nlohmann::json environment_record(const Environment& env);
+
 // The environment variables a capture on `device` ("cuda", "cuda:N", "cpu") gets so that it runs
 // on the GPU CTest allocated to its test (RESOURCE_GROUPS gpus:1 -> CTEST_RESOURCE_GROUP_<n>_GPUS)
 // or OPENSCI_GPU_DEVICE names: CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES = that id, so the
