@@ -15,6 +15,7 @@
 
 #include "opensci/error.hpp"
 #include "opensci/ops.hpp"
+#include "opensci/param.hpp"
 
 namespace opensci::parallel {
 
@@ -40,72 +41,6 @@ InjectedFault InjectedFault::parse(const std::string& spec) {
 }
 
 namespace {
-
-// A parameter as Real: a view into the mapped file when it is stored as Real (F32 on the fast
-// path), an owned converted copy otherwise (as forward.cpp's Param).
-template <typename Real>
-struct Param {
-  std::vector<Real> owned;
-  const Real* ptr = nullptr;
-  const Real* data() const { return ptr; }
-};
-
-// Elements [first, first + count) of a tensor (flattened), converted to Real.
-template <typename Real>
-Param<Real> load_elements(const Checkpoint& ck, const std::string& name, const std::vector<int64_t>& shape,
-                          int64_t first, int64_t count) {
-  const auto& file = ck.file_of(name);
-  file.check_shape(name, shape);
-  const auto& info = file.at(name);
-  Param<Real> p;
-  if constexpr (std::is_same_v<Real, float>) {
-    if (info.dtype == DType::F32) {
-      p.ptr = file.view_f32(name).data() + first;
-      return p;
-    }
-  }
-  const auto bytes = file.bytes(info);
-  p.owned.resize(static_cast<size_t>(count));
-  for (int64_t i = 0; i < count; ++i) {
-    const size_t at = static_cast<size_t>(first + i);
-    switch (info.dtype) {
-      case DType::F32: {
-        float v;
-        std::memcpy(&v, bytes.data() + at * 4, 4);
-        p.owned[static_cast<size_t>(i)] = static_cast<Real>(v);
-        break;
-      }
-      case DType::F64: {
-        double v;
-        std::memcpy(&v, bytes.data() + at * 8, 8);
-        p.owned[static_cast<size_t>(i)] = static_cast<Real>(v);
-        break;
-      }
-      case DType::BF16:
-      case DType::F16: {
-        uint16_t v;
-        std::memcpy(&v, bytes.data() + at * 2, 2);
-        p.owned[static_cast<size_t>(i)] = static_cast<Real>(info.dtype == DType::BF16 ? bf16_to_f32(v) : f16_to_f32(v));
-        break;
-      }
-      default:
-        fail("{}: tensor '{}' has dtype {}, expected a floating-point dtype", file.path().string(), name,
-             dtype_name(info.dtype));
-    }
-  }
-  p.ptr = p.owned.data();
-  return p;
-}
-
-template <typename Real>
-Param<Real> load(const Checkpoint& ck, const std::string& name, const std::vector<int64_t>& shape) {
-  return load_elements<Real>(ck, name, shape, 0, element_count(shape));
-}
-
-template <typename Real>
-Param<Real> load_optional(const Checkpoint& ck, bool present, const std::string& name, const std::vector<int64_t>& shape) {
-  return present ? load<Real>(ck, name, shape) : Param<Real>{};
-}
 
 // out[rows, outf] = x[rows, in] . w[outf, in]^T + b          (forward.cpp's linear)
 template <typename Real>
@@ -292,11 +227,11 @@ struct Sharded {
   void dense_mlp(Real* y, const Real* h, const std::string& pre) {
     const int64_t H = c.hidden_size, I = c.intermediate_size;
     const bool bias = c.mlp_bias;
-    const auto gw = load<Real>(ck, pre + "gate_proj.weight", {I, H}), uw = load<Real>(ck, pre + "up_proj.weight", {I, H}),
-               dw = load<Real>(ck, pre + "down_proj.weight", {H, I});
-    const auto gb = load_optional<Real>(ck, bias, pre + "gate_proj.bias", {I}),
-               ub = load_optional<Real>(ck, bias, pre + "up_proj.bias", {I}),
-               db = load_optional<Real>(ck, bias, pre + "down_proj.bias", {H});
+    const auto gw = load_param<Real>(ck, pre + "gate_proj.weight", {I, H}), uw = load_param<Real>(ck, pre + "up_proj.weight", {I, H}),
+               dw = load_param<Real>(ck, pre + "down_proj.weight", {H, I});
+    const auto gb = load_param_optional<Real>(ck, bias, pre + "gate_proj.bias", {I}),
+               ub = load_param_optional<Real>(ck, bias, pre + "up_proj.bias", {I}),
+               db = load_param_optional<Real>(ck, bias, pre + "down_proj.bias", {H});
     swiglu_mlp(y, h, Tl, I, gw.data(), uw.data(), dw.data(), gb.data(), ub.data(), db.data());
   }
 
@@ -309,17 +244,17 @@ struct Sharded {
     const int64_t H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
     LocalExperts le;
     if (layout == ExpertLayout::Fused) {
-      le.gate_up = load_elements<Real>(ck, pre + "experts.gate_up_proj", {E, 2 * I, H}, ex.begin * 2 * I * H,
+      le.gate_up = load_param_elements<Real>(ck, pre + "experts.gate_up_proj", {E, 2 * I, H}, ex.begin * 2 * I * H,
                                        ex.size() * 2 * I * H);
-      le.down = load_elements<Real>(ck, pre + "experts.down_proj", {E, H, I}, ex.begin * H * I, ex.size() * H * I);
+      le.down = load_param_elements<Real>(ck, pre + "experts.down_proj", {E, H, I}, ex.begin * H * I, ex.size() * H * I);
       return le;
     }
     le.gate_up.owned.resize(static_cast<size_t>(ex.size() * 2 * I * H));
     le.down.owned.resize(static_cast<size_t>(ex.size() * H * I));
     for (int64_t e = ex.begin; e < ex.end; ++e) {
       const auto x = fmt::format("{}experts.{}.", pre, e);
-      const auto g = load<Real>(ck, x + "gate_proj.weight", {I, H}), u = load<Real>(ck, x + "up_proj.weight", {I, H}),
-                 d = load<Real>(ck, x + "down_proj.weight", {H, I});
+      const auto g = load_param<Real>(ck, x + "gate_proj.weight", {I, H}), u = load_param<Real>(ck, x + "up_proj.weight", {I, H}),
+                 d = load_param<Real>(ck, x + "down_proj.weight", {H, I});
       std::copy_n(g.data(), I * H, le.gate_up.owned.begin() + (e - ex.begin) * 2 * I * H);
       std::copy_n(u.data(), I * H, le.gate_up.owned.begin() + (e - ex.begin) * 2 * I * H + I * H);
       std::copy_n(d.data(), H * I, le.down.owned.begin() + (e - ex.begin) * H * I);
@@ -337,7 +272,7 @@ struct Sharded {
     const int P = L.ep, me = L.ep_rank();
     std::vector<Real> router(static_cast<size_t>(Tl * E));
     {
-      const auto gw = load<Real>(ck, pre + "gate.weight", {E, H});
+      const auto gw = load_param<Real>(ck, pre + "gate.weight", {E, H});
       linear(router.data(), h, gw.data(), static_cast<const Real*>(nullptr), Tl, H, E);
     }
     // routing[t]: k (expert, weight) pairs, sorted by expert index (the order they are summed in).
@@ -489,7 +424,7 @@ struct Sharded {
 
     std::vector<Real> x(static_cast<size_t>(Tl * H));
     {
-      const auto emb = load<Real>(ck, "model.embed_tokens.weight", {V, H});
+      const auto emb = load_param<Real>(ck, "model.embed_tokens.weight", {V, H});
       int64_t t = 0;
       for (int64_t b = rows.begin; b < rows.end; ++b)
         for (int64_t s = pos.begin; s < pos.end; ++s, ++t)
@@ -506,35 +441,35 @@ struct Sharded {
       inject(l);
       out.layers.push_back({l, "attention", 0, 0, 0});
       const auto sent0 = peer_bytes({"sp.qkv", "sp.out"}), self0 = self_bytes({"sp.qkv", "sp.out"});
-      ops::rms_norm(h.data(), x.data(), load<Real>(ck, pre + "input_layernorm.weight", {H}).data(), Tl, H, c.rms_norm_eps);
+      ops::rms_norm(h.data(), x.data(), load_param<Real>(ck, pre + "input_layernorm.weight", {H}).data(), Tl, H, c.rms_norm_eps);
       const bool ab = c.attention_bias;
       {
-        const auto qw = load<Real>(ck, sa + "q_proj.weight", {NH * D, H}), kw = load<Real>(ck, sa + "k_proj.weight", {NKV * D, H}),
-                   vw = load<Real>(ck, sa + "v_proj.weight", {NKV * D, H});
-        const auto qb = load_optional<Real>(ck, ab, sa + "q_proj.bias", {NH * D}),
-                   kb = load_optional<Real>(ck, ab, sa + "k_proj.bias", {NKV * D}),
-                   vb = load_optional<Real>(ck, ab, sa + "v_proj.bias", {NKV * D});
+        const auto qw = load_param<Real>(ck, sa + "q_proj.weight", {NH * D, H}), kw = load_param<Real>(ck, sa + "k_proj.weight", {NKV * D, H}),
+                   vw = load_param<Real>(ck, sa + "v_proj.weight", {NKV * D, H});
+        const auto qb = load_param_optional<Real>(ck, ab, sa + "q_proj.bias", {NH * D}),
+                   kb = load_param_optional<Real>(ck, ab, sa + "k_proj.bias", {NKV * D}),
+                   vb = load_param_optional<Real>(ck, ab, sa + "v_proj.bias", {NKV * D});
         linear(q.data(), h.data(), qw.data(), qb.data(), Tl, H, NH * D);
         linear(k.data(), h.data(), kw.data(), kb.data(), Tl, H, NKV * D);
         linear(v.data(), h.data(), vw.data(), vb.data(), Tl, H, NKV * D);
       }
       if (c.qk_norm) {
-        ops::rms_norm(q.data(), q.data(), load<Real>(ck, sa + c.q_norm_name() + ".weight", {D}).data(), Tl * NH, D,
+        ops::rms_norm(q.data(), q.data(), load_param<Real>(ck, sa + c.q_norm_name() + ".weight", {D}).data(), Tl * NH, D,
                       c.rms_norm_eps);
-        ops::rms_norm(k.data(), k.data(), load<Real>(ck, sa + c.k_norm_name() + ".weight", {D}).data(), Tl * NKV, D,
+        ops::rms_norm(k.data(), k.data(), load_param<Real>(ck, sa + c.k_norm_name() + ".weight", {D}).data(), Tl * NKV, D,
                       c.rms_norm_eps);
       }
       ops::rope(q.data(), positions.data(), Tl, NH, D, inv_freq);
       ops::rope(k.data(), positions.data(), Tl, NKV, D, inv_freq);
       attention(att, q, k, v, l);
-      linear(block.data(), att.data(), load<Real>(ck, sa + "o_proj.weight", {H, NH * D}).data(),
-             load_optional<Real>(ck, ab, sa + "o_proj.bias", {H}).data(), Tl, NH * D, H);
+      linear(block.data(), att.data(), load_param<Real>(ck, sa + "o_proj.weight", {H, NH * D}).data(),
+             load_param_optional<Real>(ck, ab, sa + "o_proj.bias", {H}).data(), Tl, NH * D, H);
       out.layers.back().sent = peer_bytes({"sp.qkv", "sp.out"}) - sent0;
       out.layers.back().to_self = self_bytes({"sp.qkv", "sp.out"}) - self0;
       record(fmt::format("attn.{}", l), block);
       ops::add_inplace(x.data(), block.data(), Tl * H);
 
-      ops::rms_norm(h.data(), x.data(), load<Real>(ck, pre + "post_attention_layernorm.weight", {H}).data(), Tl, H,
+      ops::rms_norm(h.data(), x.data(), load_param<Real>(ck, pre + "post_attention_layernorm.weight", {H}).data(), Tl, H,
                     c.rms_norm_eps);
       if (c.is_sparse_layer(l)) {
         progress(fmt::format("layer {} moe", l));
@@ -550,11 +485,11 @@ struct Sharded {
       ops::add_inplace(x.data(), block.data(), Tl * H);
       record(fmt::format("hidden.layer.{}", l), x);
     }
-    ops::rms_norm(h.data(), x.data(), load<Real>(ck, "model.norm.weight", {H}).data(), Tl, H, c.rms_norm_eps);
+    ops::rms_norm(h.data(), x.data(), load_param<Real>(ck, "model.norm.weight", {H}).data(), Tl, H, c.rms_norm_eps);
     record("hidden.final_norm", h);
     std::vector<Real> logits(static_cast<size_t>(Tl * V));
     const auto head_name = c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-    linear(logits.data(), h.data(), load<Real>(ck, head_name, {V, H}).data(), static_cast<const Real*>(nullptr), Tl, H, V);
+    linear(logits.data(), h.data(), load_param<Real>(ck, head_name, {V, H}).data(), static_cast<const Real*>(nullptr), Tl, H, V);
 
     progress("gather logits and hidden states on rank 0");
     out.result.batch = tok.batch;

@@ -10,35 +10,10 @@
 
 #include "opensci/error.hpp"
 #include "opensci/ops.hpp"
+#include "opensci/param.hpp"
 
 namespace opensci {
 namespace {
-
-// A parameter as Real: a zero-copy view into the mapped file when the checkpoint already
-// stores it in Real (F32 on the fast path), an owned converted copy otherwise.
-template <typename Real>
-struct Param {
-  std::vector<Real> owned;
-  const Real* ptr = nullptr;
-  const Real* data() const { return ptr; }
-};
-
-template <typename Real>
-Param<Real> load(const Checkpoint& ck, const std::string& name, const std::vector<int64_t>& shape) {
-  Param<Real> p;
-  if constexpr (std::is_same_v<Real, float>) {
-    const auto& file = ck.file_of(name);
-    if (file.at(name).dtype == DType::F32) {
-      file.check_shape(name, shape);
-      p.ptr = file.view_f32(name).data();
-      return p;
-    }
-  }
-  p.owned = ck.read<Real>(name, shape);
-  p.ptr = p.owned.data();
-  return p;
-}
-
 
 // out[rows, outf] = x[rows, in] . w[outf, in]^T + b
 template <typename Real>
@@ -101,7 +76,7 @@ struct Forward {
       p.ptr = p.owned.data();
       return p;
     }
-    auto p = load<Real>(ck, name, shape);
+    auto p = load_param<Real>(ck, name, shape);
     if (bf16) {
       if (p.owned.empty()) p.owned.assign(p.ptr, p.ptr + element_count(shape));
       rnd(p.owned);

@@ -30,23 +30,29 @@ constexpr DTypeRow kDTypes[] = {
     {DType::U8, "U8", 1},   {DType::BOOL, "BOOL", 1},
 };
 
+// Elements [first, first + count) of a tensor (flattened), converted to Out.
 template <typename Out>
-std::vector<Out> convert_floats(const SafetensorsFile& file, const TensorInfo& info) {
+std::vector<Out> convert_floats(const SafetensorsFile& file, const TensorInfo& info, int64_t first, int64_t count) {
+  const auto total = element_count(info.shape);
+  if (first < 0 || count < 0 || first > total || count > total - first)
+    fail("{}: tensor '{}' {}: elements [{}, {}) are out of range ({} elements)", file.path().string(), info.name,
+         shape_str(info.shape), first, first + count, total);
   const auto bytes = file.bytes(info);
-  const auto n = static_cast<size_t>(element_count(info.shape));
+  const auto n = static_cast<size_t>(count);
+  const auto at = static_cast<size_t>(first);
   std::vector<Out> out(n);
   switch (info.dtype) {
     case DType::F32:
       for (size_t i = 0; i < n; ++i) {
         float v;
-        std::memcpy(&v, bytes.data() + i * 4, 4);
+        std::memcpy(&v, bytes.data() + (at + i) * 4, 4);
         out[i] = static_cast<Out>(v);
       }
       break;
     case DType::F64:
       for (size_t i = 0; i < n; ++i) {
         double v;
-        std::memcpy(&v, bytes.data() + i * 8, 8);
+        std::memcpy(&v, bytes.data() + (at + i) * 8, 8);
         out[i] = static_cast<Out>(v);
       }
       break;
@@ -54,7 +60,7 @@ std::vector<Out> convert_floats(const SafetensorsFile& file, const TensorInfo& i
     case DType::F16:
       for (size_t i = 0; i < n; ++i) {
         uint16_t v;
-        std::memcpy(&v, bytes.data() + i * 2, 2);
+        std::memcpy(&v, bytes.data() + (at + i) * 2, 2);
         out[i] = static_cast<Out>(info.dtype == DType::BF16 ? bf16_to_f32(v) : f16_to_f32(v));
       }
       break;
@@ -216,9 +222,19 @@ void SafetensorsFile::check_shape(std::string_view name, const std::vector<int64
          shape_str(expected));
 }
 
-std::vector<float> SafetensorsFile::read_f32(std::string_view name) const { return convert_floats<float>(*this, at(name)); }
+std::vector<float> SafetensorsFile::read_f32(std::string_view name) const {
+  const auto& info = at(name);
+  return convert_floats<float>(*this, info, 0, element_count(info.shape));
+}
 std::vector<double> SafetensorsFile::read_f64(std::string_view name) const {
-  return convert_floats<double>(*this, at(name));
+  const auto& info = at(name);
+  return convert_floats<double>(*this, info, 0, element_count(info.shape));
+}
+std::vector<float> SafetensorsFile::read_f32_range(std::string_view name, int64_t first, int64_t count) const {
+  return convert_floats<float>(*this, at(name), first, count);
+}
+std::vector<double> SafetensorsFile::read_f64_range(std::string_view name, int64_t first, int64_t count) const {
+  return convert_floats<double>(*this, at(name), first, count);
 }
 std::vector<float> SafetensorsFile::read_f32(std::string_view name, const std::vector<int64_t>& expected) const {
   check_shape(name, expected);

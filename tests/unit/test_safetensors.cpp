@@ -97,6 +97,27 @@ TEST_CASE("reading checks shapes and dtypes") {
   REQUIRE_ERROR_MENTIONS(f.at("missing"), "sample.safetensors", "'missing'", "not found");
 }
 
+TEST_CASE("a range of a tensor is read converted, and a range past its end names file, tensor and shape") {
+  ScratchDir dir("st");
+  SafetensorsWriter w;
+  const std::vector<float> a{1.f, -2.f, 3.5f, 0.25f, 8.f, -0.5f};
+  std::vector<std::byte> bf(a.size() * 2);
+  for (size_t i = 0; i < a.size(); ++i) {
+    const uint16_t v = f32_to_bf16(a[i]);
+    std::memcpy(bf.data() + i * 2, &v, 2);
+  }
+  w.add_f32("f.weight", {2, 3}, a);
+  w.add("h.weight", DType::BF16, {3, 2}, bf);
+  w.write(dir / "range.safetensors");
+  const SafetensorsFile f(dir / "range.safetensors");
+  CHECK(f.read_f32_range("f.weight", 2, 3) == std::vector<float>{3.5f, 0.25f, 8.f});
+  CHECK(f.read_f64_range("h.weight", 4, 2) == std::vector<double>{8.0, -0.5});  // exact in bf16
+  CHECK(f.read_f32_range("h.weight", 6, 0).empty());
+  REQUIRE_ERROR_MENTIONS(f.read_f32_range("f.weight", 4, 3), "range.safetensors", "'f.weight'", "[2, 3]", "[4, 7)",
+                         "6 elements");
+  REQUIRE_ERROR_MENTIONS(f.read_f64_range("h.weight", -1, 2), "'h.weight'", "out of range");
+}
+
 TEST_CASE("bf16 and f16 conversions") {
   CHECK(bf16_to_f32(f32_to_bf16(1.0f)) == 1.0f);
   CHECK(bf16_to_f32(f32_to_bf16(-3.140625f)) == -3.140625f);

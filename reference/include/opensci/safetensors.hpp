@@ -57,6 +57,10 @@ class SafetensorsFile {
   // Like the above, and checks the shape first: "file: tensor 'x' has shape [..], expected [..]".
   std::vector<float> read_f32(std::string_view name, const std::vector<int64_t>& expected) const;
   std::vector<double> read_f64(std::string_view name, const std::vector<int64_t>& expected) const;
+  // Elements [first, first + count) of the flattened tensor, converted; a range past the end is
+  // an error naming file, tensor and shape (a shard's slice of a tensor).
+  std::vector<float> read_f32_range(std::string_view name, int64_t first, int64_t count) const;
+  std::vector<double> read_f64_range(std::string_view name, int64_t first, int64_t count) const;
   // Copies an I64 tensor (token ids, masks, positions); another dtype is an error naming the file.
   std::vector<int64_t> read_i64(std::string_view name) const;
   // Zero-copy view of an F32 tensor (throws if it is stored in another dtype).
