@@ -552,7 +552,7 @@ std::string capture_command(const MatrixCell& c, const EmitOptions& o, const fs:
                             const std::vector<std::string>& shims) {
   std::string cmd = fmt::format(
       "capture --env-spec {} --model {} --variant {} --tokens-file {} --dtype {} --device {} --out {} "
-      "--hidden-states --dump-state-dict",
+      "--hidden-states --dump-state-dict --threads 1",
       bracket(c.env->spec.dump()), bracket(model_dir(o, c).string()), bracket(variant), bracket(c.tokens.string()),
       c.dtype, c.device, bracket(out.string()));
   for (const auto& shim : shims) cmd += " --shim " + shim;
@@ -622,9 +622,12 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
                       c.model->name));
     const auto required = c.env->golden() ? model_fixture : fmt::format("env.{};{}", c.env->name, model_fixture);
     const auto capture_props = [&](const std::string& name) {
+      // One torch thread, one CTest processor: a toy forward (3 sequences, hidden size <= 96)
+      // is python-bound, so two threads bought nothing while PROCESSORS 2 ran one capture at a
+      // time on two cores (full matrix: captures 2x faster this way, see README "Speed").
       // A CUDA capture takes the GPU CTest allocates it (run_capture hands it to the child).
       return fmt::format("FIXTURES_SETUP {} FIXTURES_REQUIRED {} SKIP_RETURN_CODE 77 TIMEOUT 900 "
-                         "PROCESSORS 2 LABELS \"matrix;capture;{}\"{}",
+                         "PROCESSORS 1 LABELS \"matrix;capture;{}\"{}",
                          bracket("capture." + name), bracket(required), c.env->name,
                          c.device == "cuda" ? " RESOURCE_GROUPS gpus:1" : "");
     };
