@@ -72,6 +72,22 @@ int processes_running(const std::vector<std::string>& argv) {
   return n;
 }
 
+// True when `pid` is a live (not zombie) process whose command line is exactly `argv`.
+bool process_alive(int pid, const std::vector<std::string>& argv) {
+  const auto dir = std::filesystem::path("/proc") / std::to_string(pid);
+  std::ifstream in(dir / "cmdline", std::ios::binary);
+  if (!in) return false;
+  std::string cmdline((std::istreambuf_iterator<char>(in)), {});
+  std::string want;
+  for (const auto& a : argv) want += a + '\0';
+  std::ifstream stat(dir / "stat");
+  std::string statline;
+  std::getline(stat, statline);
+  const auto close = statline.rfind(')');
+  const bool zombie = close != std::string::npos && close + 2 < statline.size() && statline[close + 2] == 'Z';
+  return cmdline == want && !zombie;
+}
+
 // The fault scripts run under /usr/bin/python3: without it every capture would fail to start,
 // which must not count as "the faults were caught". Skipped (with the reason) instead.
 bool have_python() {
@@ -87,7 +103,13 @@ TEST_CASE("processes_running sees a live process and not a finished one") {
   // The check the hang test relies on must be able to see a survivor.
   const std::string marker = "654321";
   REQUIRE(std::system(("sleep " + marker + " & echo $! > /tmp/opensci-test-sleep.pid").c_str()) == 0);
-  CHECK(processes_running({"sleep", marker}) == 1);
+  // The shell returns once it forked; the child may not have exec'd `sleep` yet.
+  int seen = 0;
+  for (int i = 0; i < 100 && seen == 0; ++i) {
+    seen = processes_running({"sleep", marker});
+    if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  CHECK(seen == 1);
   REQUIRE(std::system("kill $(cat /tmp/opensci-test-sleep.pid); rm -f /tmp/opensci-test-sleep.pid") == 0);
   // A killed process lingers until it is reaped; on a loaded machine that can take a while.
   int left = 1;
@@ -141,9 +163,12 @@ TEST_CASE("a hung capture leaves no process of its group behind") {
   const auto r = run_capture(o);
   REQUIRE(r.status == CaptureStatus::Timeout);
   // The grandchild `sleep 987654` ran in the capture's process group; none of it survives.
+  // Its own pid (other tests run hangs of their own at the same time).
   const auto out = opensci::test::read_text(o.out / "outcome.json");
   CHECK(out.find("\"timed_out\": true") != std::string::npos);
-  CHECK(processes_running({"sleep", "987654"}) == 0);
+  const auto grandchild = std::stoi(opensci::test::read_text(o.out / "grandchild"));
+  REQUIRE(grandchild > 0);
+  CHECK_FALSE(process_alive(grandchild, {"sleep", "987654"}));
 }
 
 TEST_CASE("an expected failure is judged by its hazard, strictly") {
