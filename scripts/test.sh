@@ -46,6 +46,10 @@ else
 fi
 phase gpu-compile-checks
 
+# The grid and the tally read build/matrix/results: start it empty, so that a result of an
+# earlier run (another tier, a cell since removed, a cell this run did not reach) is never
+# reported, or counted as run, as this run's.
+rm -rf -- "$build/matrix/results"
 set +e
 ctest --test-dir "$build" --output-on-failure -j "$jobs" --timeout 3600 --output-junit junit.xml 2>&1 | tee "$build/ctest.log"
 ctest_status=${PIPESTATUS[0]}
