@@ -51,28 +51,8 @@ int judge(const ScratchDir& dir, const CaptureOptions& o, const std::string& exp
   return run_cell(c);
 }
 
-// Live processes whose command line is exactly `argv` (read from /proc: no dependency on procps,
-// whose absence must not look like "nothing survived").
-int processes_running(const std::vector<std::string>& argv) {
-  int n = 0;
-  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
-    const auto pid = e.path().filename().string();
-    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(e.path() / "cmdline", std::ios::binary);
-    std::string cmdline((std::istreambuf_iterator<char>(in)), {});
-    std::string want;
-    for (const auto& a : argv) want += a + '\0';
-    std::ifstream stat(e.path() / "stat");
-    std::string statline;
-    std::getline(stat, statline);
-    const auto close = statline.rfind(')');
-    const bool zombie = close != std::string::npos && close + 2 < statline.size() && statline[close + 2] == 'Z';
-    if (cmdline == want && !zombie) ++n;
-  }
-  return n;
-}
-
-// True when `pid` is a live (not zombie) process whose command line is exactly `argv`.
+// True when `pid` is a live (not zombie) process whose command line is exactly `argv` (read from
+// /proc: no dependency on procps, whose absence must not look like "nothing survived").
 bool process_alive(int pid, const std::vector<std::string>& argv) {
   const auto dir = std::filesystem::path("/proc") / std::to_string(pid);
   std::ifstream in(dir / "cmdline", std::ios::binary);
@@ -86,6 +66,17 @@ bool process_alive(int pid, const std::vector<std::string>& argv) {
   const auto close = statline.rfind(')');
   const bool zombie = close != std::string::npos && close + 2 < statline.size() && statline[close + 2] == 'Z';
   return cmdline == want && !zombie;
+}
+
+// How many live processes have exactly this command line.
+int processes_running(const std::vector<std::string>& argv) {
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+    const auto pid = e.path().filename().string();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    if (process_alive(std::stoi(pid), argv)) ++n;
+  }
+  return n;
 }
 
 // The fault scripts run under /usr/bin/python3: without it every capture would fail to start,
