@@ -572,6 +572,25 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
   std::vector<const MatrixCell*> cells;  // the tier emitted: "ci" always, "nightly" on request
   for (const auto& c : m.cells)
     if (c.tier != "nightly" || o.nightly) cells.push_back(&c);
+  // Declared round-robin over environments (the first cell of every environment, then the second
+  // of every one, ...): without cost data from an earlier run (a fresh machine, CI) CTest starts
+  // tests in declaration order, and two captures of one environment started together both wait
+  // for the same worker's imports (~7 s, one core) while the other core idles. Interleaved, the
+  // two running captures start two environments' workers.
+  {
+    std::vector<std::string> env_order;
+    std::map<std::string, std::vector<const MatrixCell*>> by_env;
+    for (const auto* c : cells) {
+      auto& list = by_env[c->env->name];
+      if (list.empty()) env_order.push_back(c->env->name);
+      list.push_back(c);
+    }
+    std::vector<const MatrixCell*> interleaved;
+    for (size_t rank = 0; interleaved.size() < cells.size(); ++rank)
+      for (const auto& env : env_order)
+        if (rank < by_env[env].size()) interleaved.push_back(by_env[env][rank]);
+    cells = std::move(interleaved);
+  }
   for (const auto* cp : cells) {
     const auto& c = *cp;
     used_models.insert(c.model->name);
