@@ -74,7 +74,7 @@ if ((tally_status != 0)); then
   problems+=("${tally_line:-matrix tally failed}: see the FAIL lines above")
 fi
 # The matrix as a table (cells that ran, failed or were not run, with their reasons).
-"$build/harness/opensci-compat" report --results "$build/matrix/results" \
+"$build/harness/opensci-compat" report --results "$build/matrix/results" "${nightly_flag[@]}" \
   --markdown "$build/matrix/report.md" --html "$build/matrix/report.html" || true
 
 phase report

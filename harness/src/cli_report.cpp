@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <fstream>
+#include <set>
 
 #include "commands.hpp"
 #include "opensci/error.hpp"
@@ -20,6 +21,7 @@ void add_report_command(CLI::App& app) {
     std::string results, matrix = OPENSCI_SOURCE_DIR "/matrix/matrix.json", envs, markdown, html, png_dir,
                          color = "auto";
     std::vector<std::string> history;
+    bool nightly = false;
   };
   auto a = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("report", "Render cell results: the grid, a table, Markdown and HTML, their history");
@@ -27,6 +29,9 @@ void add_report_command(CLI::App& app) {
   cmd->add_option("--matrix", a->matrix,
                   "matrix JSON whose cells without a result are shown as not run ('none': results only)")
       ->capture_default_str();
+  cmd->add_flag(
+      "--nightly", a->nightly,
+      "the run emitted the cells of tier nightly (-DOPENSCI_NIGHTLY=ON): show those without a result as not run");
   cmd->add_option("--envs", a->envs, "environment status files <env>.json (default: <results>/../envs)");
   cmd->add_option("--markdown", a->markdown, "write Markdown here");
   cmd->add_option("--html", a->html, "write a self-contained HTML page here");
@@ -42,9 +47,18 @@ void add_report_command(CLI::App& app) {
     }
     auto results = harness::load_results(a->results);
     std::optional<harness::Matrix> matrix;
+    size_t nightly_left_out = 0;
     if (a->matrix != "none" && !a->matrix.empty()) {
       if (!fs::exists(a->matrix)) fail("report: matrix {} does not exist (--matrix none: results only)", a->matrix);
       matrix = harness::load_matrix(a->matrix);
+      // A build without -DOPENSCI_NIGHTLY=ON emits no cells of tier nightly: they are not this
+      // run's missing results (as in `matrix tally`); a result of one is still shown.
+      if (!a->nightly) {
+        std::set<std::string> have;
+        for (const auto& r : results) have.insert(r.value("name", std::string()));
+        nightly_left_out = std::erase_if(
+            matrix->cells, [&](const harness::MatrixCell& c) { return c.tier == "nightly" && !have.count(c.name); });
+      }
     }
     const auto envs_dir = a->envs.empty() ? fs::path(a->results).parent_path() / "envs" : fs::path(a->envs);
     const auto statuses = harness::load_env_statuses(envs_dir);
@@ -64,8 +78,11 @@ void add_report_command(CLI::App& app) {
         a->color == "always" || (a->color == "auto" && isatty(STDOUT_FILENO) && (no_color == nullptr || !*no_color));
     if (o.color && !a->html.empty()) o.html_link = fs::absolute(a->html).string();
     fmt::print(
-        "{} results from {}{}{}\n\n", found, a->results,
+        "{} results from {}{}{}{}\n\n", found, a->results,
         matrix ? fmt::format(", {} cells declared in {}", matrix->cells.size(), a->matrix) : "",
+        nightly_left_out ? fmt::format(" ({} cells of tier nightly not in this run left out: --nightly shows them)",
+                                       nightly_left_out)
+                         : "",
         statuses.empty() ? "" : fmt::format(", {} environment status files in {}", statuses.size(), envs_dir.string()));
     fmt::print("{}", harness::render_table(results, o, history ? &*history : nullptr));
     if (!a->markdown.empty())
