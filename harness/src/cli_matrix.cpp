@@ -74,7 +74,8 @@ void add_matrix_command(CLI::App& app) {
   tally->add_option("--work", t->work, "work dir (results under <work>/results)")->required();
   tally->add_option("--exclude-label", t->exclude, "cells with this label were not selected (repeatable)");
   tally->add_option("--min-live", t->min_live, "fewest cells that must have run live (default 1)");
-  tally->add_flag("--nightly", t->nightly, "the run emitted the cells of tier nightly too (-DOPENSCI_NIGHTLY=ON): count them");
+  tally->add_flag("--nightly", t->nightly,
+                  "the run emitted the cells of tier nightly too (-DOPENSCI_NIGHTLY=ON): count them");
   tally->callback([t] {
     const auto m = harness::load_matrix(t->matrix);
     harness::EmitOptions o{{}, fs::absolute(t->work), {}, t->nightly};

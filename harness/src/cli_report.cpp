@@ -53,12 +53,11 @@ void add_report_command(CLI::App& app) {
       matrix = harness::load_matrix(a->matrix);
       // A build without -DOPENSCI_NIGHTLY=ON emits no cells of tier nightly: they are not this
       // run's missing results (as in `matrix tally`); a result of one is still shown.
-      if (!a->nightly) {
-        std::set<std::string> have;
-        for (const auto& r : results) have.insert(r.value("name", std::string()));
-        nightly_left_out = std::erase_if(
-            matrix->cells, [&](const harness::MatrixCell& c) { return c.tier == "nightly" && !have.count(c.name); });
-      }
+      std::set<std::string> have;
+      for (const auto& r : results) have.insert(r.value("name", std::string()));
+      nightly_left_out = std::erase_if(matrix->cells, [&](const harness::MatrixCell& c) {
+        return !harness::cell_emitted(c, a->nightly) && !have.count(c.name);
+      });
     }
     const auto envs_dir = a->envs.empty() ? fs::path(a->results).parent_path() / "envs" : fs::path(a->envs);
     const auto statuses = harness::load_env_statuses(envs_dir);

@@ -571,7 +571,7 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
   std::set<std::string> used_models, used_envs, used_captures, used_patches;
   std::vector<const MatrixCell*> cells;  // the tier emitted: "ci" always, "nightly" on request
   for (const auto& c : m.cells)
-    if (c.tier != "nightly" || o.nightly) cells.push_back(&c);
+    if (cell_emitted(c, o.nightly)) cells.push_back(&c);
   // Declared round-robin over environments (the first cell of every environment, then the second
   // of every one, ...): without cost data from an earlier run (a fresh machine, CI) CTest starts
   // tests in declaration order, and two captures of one environment started together both wait
@@ -645,10 +645,11 @@ std::string emit_ctest(const Matrix& m, const EmitOptions& o) {
       // is python-bound, so two threads bought nothing while PROCESSORS 2 ran one capture at a
       // time on two cores (full matrix: captures 2x faster this way, see README "Speed").
       // A CUDA capture takes the GPU CTest allocates it (run_capture hands it to the child).
-      return fmt::format("FIXTURES_SETUP {} FIXTURES_REQUIRED {} SKIP_RETURN_CODE 77 TIMEOUT 900 "
-                         "PROCESSORS 1 LABELS \"matrix;capture;{}\"{}",
-                         bracket("capture." + name), bracket(required), c.env->name,
-                         c.device == "cuda" ? " RESOURCE_GROUPS gpus:1" : "");
+      return fmt::format(
+          "FIXTURES_SETUP {} FIXTURES_REQUIRED {} SKIP_RETURN_CODE 77 TIMEOUT 900 "
+          "PROCESSORS 1 LABELS \"matrix;capture;{}\"{}",
+          bracket("capture." + name), bracket(required), c.env->name,
+          c.device == "cuda" ? " RESOURCE_GROUPS gpus:1" : "");
     };
     const auto variant = c.model->name + "/" + c.patch->name;
     if (used_captures.insert(c.capture_name).second)
@@ -759,7 +760,7 @@ Tally tally_cells(const Matrix& m, const EmitOptions& o, const std::vector<std::
         }))
       continue;
     // Not emitted as CTest tests in this build: nothing could have run them (not a missing result).
-    if (c.tier == "nightly" && !o.nightly) {
+    if (!cell_emitted(c, o.nightly)) {
       ++t.not_emitted;
       continue;
     }
@@ -805,10 +806,11 @@ Tally tally_cells(const Matrix& m, const EmitOptions& o, const std::vector<std::
       if (k.starts_with(kind)) parts.push_back(fmt::format("{} {}", k.substr(std::string(kind).size() + 1), n));
     return parts.empty() ? std::string() : fmt::format(" ({})", fmt::join(parts, ", "));
   };
-  t.text = fmt::format("matrix tally: {} cells selected — {} ran live{}, {} replayed goldens{}, {} not run, {} without a result{}\n",
-                       t.selected, t.live, by("live"), t.replayed, by("replayed"), t.not_run, t.missing,
-                       t.not_emitted ? fmt::format(" ({} cells of tier nightly not in this run: --nightly counts them)", t.not_emitted)
-                                     : std::string());
+  t.text = fmt::format(
+      "matrix tally: {} cells selected — {} ran live{}, {} replayed goldens{}, {} not run, {} without a result{}\n",
+      t.selected, t.live, by("live"), t.replayed, by("replayed"), t.not_run, t.missing,
+      t.not_emitted ? fmt::format(" ({} cells of tier nightly not in this run: --nightly counts them)", t.not_emitted)
+                    : std::string());
   for (const auto& [reason, n] : not_run_reasons) t.text += fmt::format("  not run x{}: {}\n", n, reason);
   if (t.live < min_live)
     problems.insert(problems.begin(), fmt::format("only {} cells ran live (at least {} must): a suite that ran nothing live is red",

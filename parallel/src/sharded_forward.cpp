@@ -9,8 +9,8 @@
 
 #include <chrono>
 #include <csignal>
-#include <ctime>
 #include <cstring>
+#include <ctime>
 #include <thread>
 
 #include "opensci/error.hpp"
@@ -227,7 +227,8 @@ struct Sharded {
   void dense_mlp(Real* y, const Real* h, const std::string& pre) {
     const int64_t H = c.hidden_size, I = c.intermediate_size;
     const bool bias = c.mlp_bias;
-    const auto gw = load_param<Real>(ck, pre + "gate_proj.weight", {I, H}), uw = load_param<Real>(ck, pre + "up_proj.weight", {I, H}),
+    const auto gw = load_param<Real>(ck, pre + "gate_proj.weight", {I, H}),
+               uw = load_param<Real>(ck, pre + "up_proj.weight", {I, H}),
                dw = load_param<Real>(ck, pre + "down_proj.weight", {H, I});
     const auto gb = load_param_optional<Real>(ck, bias, pre + "gate_proj.bias", {I}),
                ub = load_param_optional<Real>(ck, bias, pre + "up_proj.bias", {I}),
@@ -245,15 +246,17 @@ struct Sharded {
     LocalExperts le;
     if (layout == ExpertLayout::Fused) {
       le.gate_up = load_param_elements<Real>(ck, pre + "experts.gate_up_proj", {E, 2 * I, H}, ex.begin * 2 * I * H,
-                                       ex.size() * 2 * I * H);
-      le.down = load_param_elements<Real>(ck, pre + "experts.down_proj", {E, H, I}, ex.begin * H * I, ex.size() * H * I);
+                                             ex.size() * 2 * I * H);
+      le.down =
+          load_param_elements<Real>(ck, pre + "experts.down_proj", {E, H, I}, ex.begin * H * I, ex.size() * H * I);
       return le;
     }
     le.gate_up.owned.resize(static_cast<size_t>(ex.size() * 2 * I * H));
     le.down.owned.resize(static_cast<size_t>(ex.size() * H * I));
     for (int64_t e = ex.begin; e < ex.end; ++e) {
       const auto x = fmt::format("{}experts.{}.", pre, e);
-      const auto g = load_param<Real>(ck, x + "gate_proj.weight", {I, H}), u = load_param<Real>(ck, x + "up_proj.weight", {I, H}),
+      const auto g = load_param<Real>(ck, x + "gate_proj.weight", {I, H}),
+                 u = load_param<Real>(ck, x + "up_proj.weight", {I, H}),
                  d = load_param<Real>(ck, x + "down_proj.weight", {H, I});
       std::copy_n(g.data(), I * H, le.gate_up.owned.begin() + (e - ex.begin) * 2 * I * H);
       std::copy_n(u.data(), I * H, le.gate_up.owned.begin() + (e - ex.begin) * 2 * I * H + I * H);
@@ -441,10 +444,12 @@ struct Sharded {
       inject(l);
       out.layers.push_back({l, "attention", 0, 0, 0});
       const auto sent0 = peer_bytes({"sp.qkv", "sp.out"}), self0 = self_bytes({"sp.qkv", "sp.out"});
-      ops::rms_norm(h.data(), x.data(), load_param<Real>(ck, pre + "input_layernorm.weight", {H}).data(), Tl, H, c.rms_norm_eps);
+      ops::rms_norm(h.data(), x.data(), load_param<Real>(ck, pre + "input_layernorm.weight", {H}).data(), Tl, H,
+                    c.rms_norm_eps);
       const bool ab = c.attention_bias;
       {
-        const auto qw = load_param<Real>(ck, sa + "q_proj.weight", {NH * D, H}), kw = load_param<Real>(ck, sa + "k_proj.weight", {NKV * D, H}),
+        const auto qw = load_param<Real>(ck, sa + "q_proj.weight", {NH * D, H}),
+                   kw = load_param<Real>(ck, sa + "k_proj.weight", {NKV * D, H}),
                    vw = load_param<Real>(ck, sa + "v_proj.weight", {NKV * D, H});
         const auto qb = load_param_optional<Real>(ck, ab, sa + "q_proj.bias", {NH * D}),
                    kb = load_param_optional<Real>(ck, ab, sa + "k_proj.bias", {NKV * D}),
@@ -454,10 +459,10 @@ struct Sharded {
         linear(v.data(), h.data(), vw.data(), vb.data(), Tl, H, NKV * D);
       }
       if (c.qk_norm) {
-        ops::rms_norm(q.data(), q.data(), load_param<Real>(ck, sa + c.q_norm_name() + ".weight", {D}).data(), Tl * NH, D,
-                      c.rms_norm_eps);
-        ops::rms_norm(k.data(), k.data(), load_param<Real>(ck, sa + c.k_norm_name() + ".weight", {D}).data(), Tl * NKV, D,
-                      c.rms_norm_eps);
+        ops::rms_norm(q.data(), q.data(), load_param<Real>(ck, sa + c.q_norm_name() + ".weight", {D}).data(), Tl * NH,
+                      D, c.rms_norm_eps);
+        ops::rms_norm(k.data(), k.data(), load_param<Real>(ck, sa + c.k_norm_name() + ".weight", {D}).data(), Tl * NKV,
+                      D, c.rms_norm_eps);
       }
       ops::rope(q.data(), positions.data(), Tl, NH, D, inv_freq);
       ops::rope(k.data(), positions.data(), Tl, NKV, D, inv_freq);
@@ -469,8 +474,8 @@ struct Sharded {
       record(fmt::format("attn.{}", l), block);
       ops::add_inplace(x.data(), block.data(), Tl * H);
 
-      ops::rms_norm(h.data(), x.data(), load_param<Real>(ck, pre + "post_attention_layernorm.weight", {H}).data(), Tl, H,
-                    c.rms_norm_eps);
+      ops::rms_norm(h.data(), x.data(), load_param<Real>(ck, pre + "post_attention_layernorm.weight", {H}).data(), Tl,
+                    H, c.rms_norm_eps);
       if (c.is_sparse_layer(l)) {
         progress(fmt::format("layer {} moe", l));
         out.layers.push_back({l, "moe", 0, 0, 0});
@@ -489,7 +494,8 @@ struct Sharded {
     record("hidden.final_norm", h);
     std::vector<Real> logits(static_cast<size_t>(Tl * V));
     const auto head_name = c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-    linear(logits.data(), h.data(), load_param<Real>(ck, head_name, {V, H}).data(), static_cast<const Real*>(nullptr), Tl, H, V);
+    linear(logits.data(), h.data(), load_param<Real>(ck, head_name, {V, H}).data(), static_cast<const Real*>(nullptr),
+           Tl, H, V);
 
     progress("gather logits and hidden states on rank 0");
     out.result.batch = tok.batch;

@@ -30,7 +30,6 @@ using namespace opensci;
 using namespace opensci::harness;
 using opensci::test::read_text;
 using opensci::test::ScratchDir;
-using opensci::test::write_text;
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -68,24 +67,6 @@ int read_int(const fs::path& p) {
   int v = 0;
   in >> v;
   return v;
-}
-
-// A capture script that records its pid and its grandchild's and then hangs.
-fs::path write_sleeper(const ScratchDir& dir) {
-  const auto sd = dir / "sleeper";
-  fs::create_directories(sd);
-  write_text(sd / "capture.py", R"(import argparse, os, subprocess, time
-p = argparse.ArgumentParser()
-p.add_argument("--out-dir", required=True)
-a, _ = p.parse_known_args()
-g = subprocess.Popen(["sleep", "86399"])
-with open(os.path.join(a.out_dir, "grandchild"), "w") as f:
-    f.write(str(g.pid))
-with open(os.path.join(a.out_dir, "pid"), "w") as f:
-    f.write(str(os.getpid()))
-time.sleep(1000)
-)");
-  return sd;
 }
 
 struct Fixture {
@@ -246,7 +227,7 @@ TEST_CASE("SIGKILL of the harness kills its capture in the worker, and the worke
     return;
   }
   Fixture fx;
-  auto o = fx.options("harness-killed", write_sleeper(fx.dir));
+  auto o = fx.options("harness-killed", fx.fault("hang"));
   o.timeout = std::chrono::seconds(120);
   const int cli = spawn_cli(capture_args(o, kSystemPython), {{"OPENSCI_WORKER_DIR", (fx.dir / "workers").string()}},
                             fx.dir / "cli.log");
@@ -277,7 +258,7 @@ TEST_CASE("a worker dying mid-capture is a crash and leaves nothing of the captu
     return;
   }
   Fixture fx;
-  auto o = fx.options("worker-killed", write_sleeper(fx.dir));
+  auto o = fx.options("worker-killed", fx.fault("hang"));
   o.timeout = std::chrono::seconds(120);
   auto pending = std::async(std::launch::async, [&] { return run_capture(o); });
   REQUIRE(wait_for([&] { return fs::exists(o.out / "pid") && fs::exists(o.out / "grandchild"); },

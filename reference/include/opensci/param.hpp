@@ -30,6 +30,8 @@ Param<Real> load_param_elements(const Checkpoint& ck, const std::string& name, c
   file.check_shape(name, shape);
   Param<Real> p;
   if constexpr (std::is_same_v<Real, float>) {
+    // The view only for a range inside the tensor; any other range goes to the converting
+    // reader, whose error names file, tensor, shape and range.
     if (file.at(name).dtype == DType::F32 && first >= 0 && count >= 0 && first + count <= element_count(shape)) {
       p.ptr = file.view_f32(name).data() + first;
       return p;

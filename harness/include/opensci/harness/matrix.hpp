@@ -143,6 +143,9 @@ struct EmitOptions {
   bool nightly = false;        // also emit the cells of tier "nightly"
 };
 std::string emit_ctest(const Matrix& matrix, const EmitOptions& options);
+// Whether a build emits the cell as CTest tests: tier "ci" always, tier "nightly" only with
+// `nightly` (-DOPENSCI_NIGHTLY=ON). emit_ctest, matrix tally and report agree through this.
+inline bool cell_emitted(const MatrixCell& cell, bool nightly) { return cell.tier != "nightly" || nightly; }
 
 // What a cell expands to (environment, model, patch set, inputs, reference, tolerance with its
 // reason, expected outcome and where it came from, the hazard row, the CTest tests and fixtures
